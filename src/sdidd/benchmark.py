@@ -1,0 +1,189 @@
+"""One run, one table: the base teacher trained once, then joint / finetune / ERD / SD-IDD (+ ablations) from it."""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import Config
+from .engine import distributed as dist
+from .engine.protocol import dataset_classes, step_specs
+from .engine.trainer import StepResult, StepSpec, train_step
+from .config import protocol_groups
+from .errors import SdiddError
+
+# Each ablation removes one strategy from the full sdidd method.
+ABLATIONS = {
+    "sdidd-no-cls": {"hccd": False},
+    "sdidd-no-reg": {"dscrd": False},
+    "sdidd-no-feat": {"idfd": False},
+    "sdidd-no-erdbox": {"erd_box": False},
+}
+METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", *ABLATIONS]
+
+
+def parse_methods(text: str) -> list[str]:
+    """'joint,finetune,erd,sdidd,ablations' -> method names (ablations expands)."""
+    out: list[str] = []
+    for m in (x.strip() for x in text.split(",") if x.strip()):
+        names = list(ABLATIONS) if m == "ablations" else [m]
+        for n in names:
+            if n not in METHOD_ORDER:
+                raise SdiddError(f"unknown method {n!r} (valid: {', '.join(METHOD_ORDER)}, ablations)")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def machine_description() -> str:
+    """CPU/GPU of this machine in words."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
+    import os
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _method_cfg(cfg: Config, method: str) -> tuple[Config, str]:
+    c = copy.deepcopy(cfg)
+    base = "sdidd" if method in ABLATIONS else method
+    for k, v in ABLATIONS.get(method, {}).items():
+        setattr(c.distill, k, v)
+    c.incremental.method = base
+    return c, base
+
+
+def _entry(result: StepResult, num_old: int, classes: list[str]) -> dict[str, Any]:
+    per = result.metrics.per_class
+    ap50 = {c: round(per[c]["ap50"], 2) for c in classes}
+    def mean(names: list[str]) -> float:
+        return round(sum(ap50[c] for c in names) / max(len(names), 1), 2)
+    return {
+        "map50_old": mean(classes[:num_old]), "map50_new": mean(classes[num_old:]), "map50_all": mean(classes),
+        "map_all": round(result.metrics.map, 2), "ap50_per_class": ap50,
+        "train_seconds": round(result.stats.get("train_seconds", 0.0), 1),
+        "images_per_second": round(result.stats.get("images_per_second", 0.0), 2),
+        "peak_memory_mb": round(result.stats.get("peak_memory_mb", 0.0), 1),
+    }
+
+
+def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_dir: str | Path, profile: str,
+                  command: Optional[str] = None, tag: Optional[str] = None) -> dict[str, Any]:
+    """Train the base teacher once, run every method from it, write JSON + Markdown + plots; stages resume."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.resume = True  # finished stages are reused, interrupted ones continue
+    out_dir, results_dir = Path(out_dir), Path(results_dir)
+    classes = dataset_classes(cfg)
+    groups = protocol_groups(cfg, classes)
+    protocol = cfg.incremental.protocol or "+".join(str(len(g)) for g in groups)
+    tag = tag or f"{cfg.data.dataset}_{protocol}_{profile}"
+    all_classes = [c for g in groups for c in g]
+    num_old = len(all_classes) - len(groups[-1])
+
+    base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
+    teacher_res = train_step(cfg, base_spec, out_dir / "teacher")
+    report: dict[str, Any] = {
+        "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
+        "date": _dt.date.today().isoformat(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "classes_old": all_classes[:num_old], "classes_new": all_classes[num_old:],
+        "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
+                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": cfg.train.epochs,
+                     "incremental_epochs": cfg.incremental.epochs or cfg.train.epochs, "batch_size": cfg.train.batch_size,
+                     "lr": cfg.train.lr, "incremental_lr": cfg.incremental.lr or cfg.train.lr},
+        "methods": {},
+    }
+    t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
+    report["methods"]["teacher"] = {"map50_old": round(sum(t_ap.values()) / len(t_ap), 2), "ap50_per_class": t_ap,
+                                    "train_seconds": round(teacher_res.stats.get("train_seconds", 0.0), 1)}
+    if len(groups) > 2:  # teacher of a multi-step protocol only knows group 0; 'old' spans all but the last group
+        report["methods"]["teacher"]["note"] = "base step only (group 0)"
+    for method in methods:
+        mcfg, base = _method_cfg(cfg, method)
+        specs = step_specs(groups, base)
+        teacher = teacher_res.model
+        result = None
+        for spec in specs[1:]:
+            step_dir = out_dir / method / f"step{spec.step}"
+            joint = base == "joint"
+            result = train_step(mcfg, spec, step_dir, teacher=None if joint else teacher,
+                                epochs=mcfg.train.epochs if joint else (mcfg.incremental.epochs or mcfg.train.epochs),
+                                lr=mcfg.train.lr if joint else (mcfg.incremental.lr or mcfg.train.lr))
+            teacher = result.model
+        assert result is not None
+        report["methods"][method] = _entry(result, num_old, all_classes)
+        if dist.is_main():
+            _write(report, results_dir, tag)
+            print(format_report_table(report))
+    if dist.is_main():
+        _write(report, results_dir, tag, plots=True, out_dir=out_dir)
+    return report
+
+
+def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = False, out_dir: Optional[Path] = None) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{tag}.json").write_text(json.dumps(report, indent=2))
+    (results_dir / f"{tag}.md").write_text(markdown_report(report, tag if plots else None))
+    if plots:
+        from .plots import plot_per_class_ap, plot_training_curves
+        methods = {m: v["ap50_per_class"] for m, v in report["methods"].items()}
+        plot_per_class_ap(methods, report["classes_old"], report["classes_new"], results_dir / f"{tag}_per_class.png",
+                          title=f"{report['dataset']} {report['protocol']} ({report['profile']}): AP50 per class")
+        if out_dir is not None and (out_dir / "sdidd" / f"step{1}" / "log.csv").exists():
+            plot_training_curves(out_dir / "sdidd" / "step1" / "log.csv", results_dir / f"{tag}_sdidd_losses.png")
+
+
+def format_report_table(report: dict[str, Any]) -> str:
+    """The paper-style table as plain text."""
+    lines = [f"{'method':<18}{'old':>8}{'new':>8}{'all':>8}", "-" * 42]
+    for m, v in report["methods"].items():
+        if m == "teacher":
+            lines.append(f"{m:<18}{v['map50_old']:>8.1f}{'':>8}{'':>8}")
+        else:
+            lines.append(f"{m:<18}{v['map50_old']:>8.1f}{v['map50_new']:>8.1f}{v['map50_all']:>8.1f}")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any], tag: Optional[str] = None) -> str:
+    """Markdown: main table, ablations, per-class AP50, forgetting, time, command/machine/date."""
+    m = report["methods"]
+    old, new = report["classes_old"], report["classes_new"]
+    teacher_old = m.get("teacher", {}).get("map50_old")
+    out = [f"# {report['dataset']} {report['protocol']} — profile `{report['profile']}`", "",
+           f"- Command: `{report['command']}`", f"- Machine: {report['machine']}", f"- Date: {report['date']}",
+           f"- Settings: {json.dumps(report.get('settings', {}))}",
+           "- Metric: COCO AP@0.5 (pycocotools) per class on the test split, last epoch (no model selection).", "",
+           "## mAP50 (%)", "", "| method | old | new | all | mAP (.5:.95) all | forgetting (teacher old − old) |", "|---|---|---|---|---|---|"]
+    for name, v in m.items():
+        if name == "teacher" or name.startswith("sdidd-no"):
+            continue
+        forget = f"{teacher_old - v['map50_old']:.1f}" if teacher_old is not None else ""
+        out.append(f"| {name} | {v['map50_old']:.1f} | {v['map50_new']:.1f} | {v['map50_all']:.1f} | {v['map_all']:.1f} | {forget} |")
+    if teacher_old is not None:
+        out.append(f"| teacher (base step) | {teacher_old:.1f} | | | | |")
+    abl = [n for n in m if n.startswith("sdidd-no")]
+    if abl:
+        out += ["", "## Ablations (one SD-IDD strategy removed)", "", "| variant | old | new | all |", "|---|---|---|---|"]
+        for n in (["sdidd"] if "sdidd" in m else []) + abl:
+            v = m[n]
+            out.append(f"| {n} | {v['map50_old']:.1f} | {v['map50_new']:.1f} | {v['map50_all']:.1f} |")
+    names = [n for n in m if n != "teacher"]
+    out += ["", "## AP50 per class (%)", "", "| method | " + " | ".join(old + new) + " |", "|---" * (len(old + new) + 1) + "|"]
+    if "teacher" in m:
+        out.append("| teacher | " + " | ".join(f"{m['teacher']['ap50_per_class'].get(c, float('nan')):.1f}" if c in m["teacher"]["ap50_per_class"] else "" for c in old + new) + " |")
+    for n in names:
+        out.append(f"| {n} | " + " | ".join(f"{m[n]['ap50_per_class'][c]:.1f}" for c in old + new) + " |")
+    out += ["", "## Time", "", "| method | train s | images/s | peak memory MB |", "|---|---|---|---|"]
+    for n, v in m.items():
+        out.append(f"| {n} | {v.get('train_seconds', 0):.0f} | {v.get('images_per_second', float('nan')):.2f} | {v.get('peak_memory_mb', float('nan')):.0f} |")
+    if "finetune" in m and "sdidd" in m and m["finetune"].get("images_per_second"):
+        ratio = m["finetune"]["images_per_second"] / max(m["sdidd"]["images_per_second"], 1e-9)
+        out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25)."]
+    if tag:
+        out += ["", f"![AP50 per class]({tag}_per_class.png)"]
+    return "\n".join(out) + "\n"

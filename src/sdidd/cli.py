@@ -1,0 +1,211 @@
+"""Command line: `sdidd train|incremental|eval|demo|benchmark|check-data|predict|export`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .errors import SdiddError
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import distributed as dist
+    from .engine.protocol import run_train
+    cfg = load_config(a.config, a.overrides)
+    dist.init_from_env()
+    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    run_train(cfg)
+    return 0
+
+
+def _cmd_incremental(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import distributed as dist
+    from .engine.protocol import run_incremental
+    cfg = load_config(a.config, a.overrides)
+    dist.init_from_env()
+    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    run_incremental(cfg)
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .config import config_from_dict
+    from .engine.checkpoint import load_checkpoint
+    from .engine.data_setup import load_split, relabel
+    from .engine.trainer import evaluate_model, model_from_checkpoint, print_result, select_device
+    from .evaluate import save_result_json
+    state = load_checkpoint(a.checkpoint)
+    cfg = config_from_dict(state["config"])
+    if a.data:
+        cfg.data.dataset = a.data
+    if a.root:
+        cfg.data.root = a.root
+    cfg.data.test_split = a.split or cfg.data.test_split
+    cfg.train.device = a.device
+    device = select_device(a.device)
+    model = model_from_checkpoint(state, device)
+    classes = list(state["classes"])
+    test = relabel(load_split(cfg.data, cfg.data.test_split), classes, keep_empty=True)
+    n_new = len(state.get("new_classes", classes))
+    groups = {"all": list(range(len(classes)))}
+    if n_new < len(classes):
+        groups["old"] = list(range(len(classes) - n_new))
+        groups["new"] = list(range(len(classes) - n_new, len(classes)))
+    result = evaluate_model(model, test, cfg, device, groups=groups)
+    print_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
+    out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
+    save_result_json(result, out)
+    from .plots import plot_per_class_ap
+    old = [classes[i] for i in groups.get("old", [])]
+    new = [classes[i] for i in groups.get("new", groups["all"])]
+    plot_per_class_ap({Path(a.checkpoint).stem: {c: result.per_class[c]["ap50"] for c in classes}}, old, new, out.with_suffix(".png"),
+                      title=f"AP50 per class: {a.checkpoint}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(out_dir=a.out, quick=a.quick, threads=a.threads)
+    return 0
+
+
+def _cmd_benchmark(a: argparse.Namespace) -> int:
+    from .benchmark import parse_methods, run_benchmark
+    from .config import load_config
+    from .engine import distributed as dist
+    config = a.config or _profile_config(a.dataset, a.profile)
+    overrides = list(a.overrides)
+    if a.protocol:
+        overrides.append(f"incremental.protocol={a.protocol}")
+    if a.dataset not in ("neu-det", "deeppcb", "synthetic"):
+        overrides += ["data.dataset=coco"]
+    cfg = load_config(config, overrides)
+    dist.init_from_env()
+    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    command = "sdidd " + " ".join(sys.argv[1:])
+    run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}",
+                  a.results_dir, a.profile, command=command)
+    return 0
+
+
+def _profile_config(dataset: str, profile: str) -> str:
+    name = {"neu-det": "neu_det", "deeppcb": "deeppcb", "synthetic": "synthetic"}.get(dataset)
+    if name is None:
+        raise SdiddError(f"benchmark --dataset {dataset}: give --config for a custom dataset")
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}_{profile}.yaml"
+    if not path.is_file():
+        path = Path("configs") / f"{name}_{profile}.yaml"
+    if not path.is_file():
+        raise SdiddError(f"{path}: no config for dataset {dataset} profile {profile}; pass --config")
+    return str(path)
+
+
+def _cmd_check_data(a: argparse.Namespace) -> int:
+    from .data.check import check_dataset
+    report = check_dataset(a.dataset, root=a.root, split=a.split)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from .predict import run_predict
+    run_predict(a.checkpoint, a.inputs, a.out, score_thr=a.score, batch_size=a.batch_size, device=a.device, size=a.size)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_onnx
+    if a.format != "onnx":
+        raise SdiddError(f"export format {a.format!r} is not supported (onnx)")
+    out = export_onnx(a.checkpoint, a.out, size=a.size)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `sdidd` command."""
+    p = argparse.ArgumentParser(prog="sdidd", description="Class-incremental defect detection (SD-IDD, ERD) on GFLv1.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("train", help="train a detector on all (or data.classes) classes")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=2")
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("incremental", help="run the class-incremental protocol (base step, then new classes)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=_cmd_incremental)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint on a test split")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", help="dataset name (default: the checkpoint's)")
+    s.add_argument("--root", help="dataset root folder")
+    s.add_argument("--split", help="split (default: the checkpoint's test split)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", help="JSON path (default: eval.json beside the checkpoint)")
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("demo", help="the incremental story on the built-in synthetic data (CPU, offline)")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("benchmark", help="teacher + joint/finetune/erd/sdidd(+ablations) in one run, written to docs/results")
+    s.add_argument("--dataset", default="neu-det")
+    s.add_argument("--protocol", default="3+3")
+    s.add_argument("--profile", default="quick", choices=["quick", "paper", "tiny"])
+    s.add_argument("--methods", default="joint,finetune,erd,sdidd")
+    s.add_argument("--config", help="config file (default: configs/<dataset>_<profile>.yaml)")
+    s.add_argument("--out", help="run folder (default: runs/benchmark/<dataset>_<protocol>_<profile>)")
+    s.add_argument("--results-dir", default="docs/results")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=_cmd_benchmark)
+
+    s = sub.add_parser("check-data", help="validate a dataset before a long run")
+    s.add_argument("dataset", help="neu-det, deeppcb, synthetic, or a dataset folder")
+    s.add_argument("--root")
+    s.add_argument("--split", default="all")
+    s.set_defaults(fn=_cmd_check_data)
+
+    s = sub.add_parser("predict", help="draw detections on images and write COCO-results JSON")
+    s.add_argument("checkpoint")
+    s.add_argument("inputs", nargs="+", help="images or folders")
+    s.add_argument("--out", default="predictions")
+    s.add_argument("--score", type=float, default=0.3)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("export", help="export a checkpoint (ONNX)")
+    s.add_argument("checkpoint")
+    s.add_argument("--format", default="onnx")
+    s.add_argument("--out", default=None)
+    s.add_argument("--size", type=int, default=None, help="input side (square, default: the checkpoint's test size rounded to 32)")
+    s.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SdiddError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Run configuration: plain dataclasses, loaded from YAML plus `key=value` overrides, validated."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import SdiddError
+
+
+@dataclass
+class DataConfig:
+    """Which images and how they are resized."""
+
+    dataset: str = "synthetic"  # synthetic | neu-det | deeppcb | coco
+    root: Optional[str] = None  # dataset folder; default: $SDIDD_DATA/<NEU-DET|DeepPCB>
+    train_split: str = "train"
+    test_split: str = "test"
+    classes: Optional[list[str]] = None  # restrict a plain training run to these classes
+    train_sizes: list[int] = field(default_factory=lambda: [160])  # short sides; several = multi-scale
+    test_size: int = 160
+    max_size: int = 267
+    flip: float = 0.5
+    num_train_images: Optional[int] = None  # synthetic only
+    num_test_images: Optional[int] = None  # synthetic only
+    seed: int = 0  # synthetic only
+    images_dir: Optional[str] = None  # coco only
+    train_ann: Optional[str] = None  # coco only
+    test_ann: Optional[str] = None  # coco only
+    on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
+    check: bool = True  # run the dataset check before training
+
+
+@dataclass
+class ModelConfig:
+    """Detector architecture."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: Union[bool, str] = True
+    fpn_channels: int = 128
+    head_channels: int = 128
+    head_convs: int = 2
+    frozen_stages: int = 1
+    norm_eval: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and run settings."""
+
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_ratio: float = 0.001
+    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    grad_clip: Optional[float] = None
+    workers: int = 2
+    amp: bool = True  # used on CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    threads: Optional[int] = None  # torch CPU threads
+    log_every: int = 10
+    eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
+    out_dir: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Detection loss weights (GFL)."""
+
+    qfl: Optional[float] = None  # None: 1.0, or 2.0 for the sdidd method (as released)
+    giou: float = 2.0
+    dfl: float = 0.25
+
+
+@dataclass
+class DistillConfig:
+    """Distillation switches and weights. A switch left at None takes the method's default."""
+
+    hccd: Optional[bool] = None  # (1) high-confidence classification distillation (= ERD cls)
+    hccd_weight: float = 1.0
+    erd_box: Optional[bool] = None  # ERD's box elastic response selection
+    erd_box_weight: float = 0.25
+    erd_box_stride_fix: bool = True  # False: as released (teacher boxes decoded without the stride)
+    erd_box_nms_iou: float = 0.005
+    dscrd: Optional[bool] = None  # (2) dual-stage cascade regression distillation (ATSS positives + VLR)
+    ld_weight: float = 0.25
+    vlr_weight: float = 0.25
+    idfd: Optional[bool] = None  # (3) IoU-driven difficulty-aware feature distillation
+    idfd_weight: float = 2.0
+    idfd_ratio: float = 0.5
+    idfd_zero_levels_without_positives: bool = False  # True: as released
+    kd_mismatch: bool = False  # True: the released loss_kd (new-class student vs old-class teacher logits)
+    kd_weight: float = 0.25
+    temperature: float = 10.0
+
+
+METHODS = ("finetune", "erd", "sdidd", "joint")
+_METHOD_DEFAULTS = {
+    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False),
+    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False),
+    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False),
+    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True),
+}
+
+
+@dataclass
+class IncrementalConfig:
+    """Class-incremental protocol: ordered class groups and the method of the incremental steps."""
+
+    protocol: Optional[str] = None  # e.g. "3+3", "2+2+2" (first classes of the dataset order first)
+    groups: Optional[list[list[str]]] = None  # explicit class groups (overrides protocol)
+    method: str = "sdidd"  # finetune | erd | sdidd | joint
+    teacher: Optional[str] = None  # checkpoint of the previous step; None: train the base step first
+    start_step: Optional[int] = None  # with teacher: the step to run (default: the step after the teacher's)
+    new_class_init: str = "prior"  # prior (GFL bias init) | default (PyTorch default, as released)
+    epochs: Optional[int] = None  # epochs of incremental steps (None: train.epochs)
+    lr: Optional[float] = None  # lr of incremental steps (None: train.lr)
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+        return asdict(self)
+
+
+def resolved_distill(cfg: Config, method: str) -> DistillConfig:
+    """Distill switches with the method's defaults filled in where the config left None."""
+    d = dataclasses.replace(cfg.distill)
+    for k, v in _METHOD_DEFAULTS[method].items():
+        if getattr(d, k) is None:
+            setattr(d, k, v)
+    return d
+
+
+def qfl_weight(cfg: Config, method: str) -> float:
+    """QFL weight: the config's, or the method's as-released default."""
+    if cfg.loss.qfl is not None:
+        return cfg.loss.qfl
+    return 2.0 if method == "sdidd" else 1.0
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except SdiddError as e:
+                errors.append(str(e))
+        raise SdiddError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SdiddError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SdiddError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SdiddError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SdiddError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise SdiddError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise SdiddError(f"config section '{prefix.rstrip('.') or 'top level'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for k in data:
+        if k not in known:
+            raise SdiddError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SdiddError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=[x, y]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SdiddError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SdiddError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise SdiddError(f"{p}: not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one line naming the key."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise SdiddError(f"config key '{key}': {msg}")
+
+    d, m, t, inc = cfg.data, cfg.model, cfg.train, cfg.incremental
+    need(d.dataset in ("synthetic", "neu-det", "deeppcb", "coco"), "data.dataset", f"unknown dataset {d.dataset!r} (synthetic, neu-det, deeppcb, coco)")
+    need(len(d.train_sizes) > 0 and all(s >= 32 for s in d.train_sizes), "data.train_sizes", "needs one or more sizes >= 32")
+    need(d.test_size >= 32, "data.test_size", "must be >= 32")
+    need(d.max_size >= max(d.train_sizes + [d.test_size]), "data.max_size", "must be >= every short-side size")
+    need(0.0 <= d.flip <= 1.0, "data.flip", "must be in [0, 1]")
+    need(d.on_bad_data in ("error", "skip"), "data.on_bad_data", "must be 'error' or 'skip'")
+    need(d.classes is None or len(d.classes) > 0, "data.classes", "must not be empty")
+    need(m.fpn_channels > 0 and m.head_channels > 0, "model.head_channels", "must be positive")
+    need(m.head_convs >= 0, "model.head_convs", "must be >= 0")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+    need(0 < t.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
+    need(all(x >= 1 for x in t.milestones) and t.milestones == sorted(t.milestones), "train.milestones", "must be increasing epochs >= 1")
+    need(t.workers >= 0, "train.workers", "must be >= 0")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "must be auto, cpu or cuda[:N]")
+    need(inc.method in METHODS, "incremental.method", f"must be one of {', '.join(METHODS)}")
+    need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")
+    need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
+    need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
+    if inc.groups is not None:
+        need(len(inc.groups) >= 2, "incremental.groups", "needs at least two class groups")
+        need(all(len(g) > 0 for g in inc.groups), "incremental.groups", "a class group is empty")
+        flat = [c for g in inc.groups for c in g]
+        need(len(flat) == len(set(flat)), "incremental.groups", "a class appears in two groups")
+    if inc.protocol is not None:
+        parts = inc.protocol.split("+")
+        need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {inc.protocol!r}")
+    for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature"):
+        need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")
+
+
+def protocol_groups(cfg: Config, classes: list[str]) -> list[list[str]]:
+    """Class groups of the incremental protocol, checked against the dataset's classes."""
+    inc = cfg.incremental
+    if inc.groups is not None:
+        groups = inc.groups
+    elif inc.protocol is not None:
+        sizes = [int(p) for p in inc.protocol.split("+")]
+        if sum(sizes) > len(classes):
+            raise SdiddError(f"config key 'incremental.protocol': {inc.protocol} needs {sum(sizes)} classes, the dataset has {len(classes)}")
+        groups, start = [], 0
+        for s in sizes:
+            groups.append(classes[start:start + s])
+            start += s
+    else:
+        raise SdiddError("config key 'incremental.protocol': set a protocol such as '3+3' or incremental.groups")
+    for g in groups:
+        for c in g:
+            if c not in classes:
+                raise SdiddError(f"config key 'incremental.groups': class {c!r} is not in the dataset ({', '.join(classes)})")
+    return [list(g) for g in groups]

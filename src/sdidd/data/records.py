@@ -1,0 +1,246 @@
+"""Annotation records, the generic detection dataset, and the problem sink shared by loaders and checker.
+
+Every loader parses its annotation format into :class:`Record` objects (no pixels). Parsing goes
+through a :class:`Problems` sink: in strict mode (what the loaders use for training) the first
+problem raises :class:`~sdidd.errors.SdiddError`; in collecting mode (what ``check.py`` uses) the
+problem is counted, the bad item skipped, and parsing goes on. So the parsing code exists once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdidd.errors import SdiddError
+
+__all__ = [
+    "Record",
+    "DetectionDataset",
+    "Problems",
+    "subset_classes",
+    "read_image",
+    "check_box",
+    "Transform",
+    "UNREADABLE_IMAGE",
+    "MALFORMED_ANNOTATION",
+    "BAD_BOX",
+    "UNKNOWN_CLASS",
+    "MISSING_IMAGE",
+    "MISSING_ANNOTATION",
+    "SIZE_MISMATCH",
+    "DUPLICATE_IMAGE",
+    "PROBLEM_KINDS",
+    "WARNING_KINDS",
+]
+
+# Problem kinds (keys of CheckReport.counts). Duplicates are only a warning: NEU-DET ships a real one.
+UNREADABLE_IMAGE = "unreadable_image"
+MALFORMED_ANNOTATION = "malformed_annotation"
+BAD_BOX = "bad_box"
+UNKNOWN_CLASS = "unknown_class"
+MISSING_IMAGE = "missing_image"
+MISSING_ANNOTATION = "missing_annotation"
+SIZE_MISMATCH = "size_mismatch"
+DUPLICATE_IMAGE = "duplicate_image"
+PROBLEM_KINDS = (
+    UNREADABLE_IMAGE,
+    MALFORMED_ANNOTATION,
+    BAD_BOX,
+    UNKNOWN_CLASS,
+    MISSING_IMAGE,
+    MISSING_ANNOTATION,
+    SIZE_MISMATCH,
+    DUPLICATE_IMAGE,
+)
+WARNING_KINDS = frozenset({DUPLICATE_IMAGE})
+
+Transform = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class Record:
+    """One image's annotation, loaded without the pixels."""
+
+    image_id: int  # 1-based, stable (index in the sorted file list + 1)
+    file: str  # absolute image path (or a pseudo path for generated data)
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [N,4] xyxy
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [N] global
+
+    def __post_init__(self) -> None:
+        # Normalise dtypes/shapes once so every consumer can rely on them.
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if len(self.boxes) != len(self.labels):
+            raise ValueError(f"{self.file}: {len(self.boxes)} boxes but {len(self.labels)} labels")
+
+
+class Problems:
+    """Sink for data problems: raises SdiddError on the first one (strict) or collects them."""
+
+    def __init__(self, strict: bool = True, max_examples: int = 5) -> None:
+        self.strict = strict
+        self.max_examples = max_examples
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, kind: str, message: str) -> None:
+        """Report one problem of `kind`; `message` starts with the file it concerns."""
+        if self.strict:
+            raise SdiddError(message)
+        self.counts[kind] += 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < self.max_examples:
+            ex.append(" ".join(message.splitlines()))
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in box) + "]"
+
+
+def check_box(
+    box: Sequence[float],
+    width: int,
+    height: int,
+    where: str,
+    problems: Problems,
+    tol: float = 1.0,
+    shown: Optional[str] = None,
+) -> Optional[np.ndarray]:
+    """Validate one xyxy box against its image; returns it clipped to the image, or None if bad.
+
+    `shown` is how the box is written in the messages (e.g. the raw VOC values the user can grep
+    for); by default the xyxy values.
+    """
+    b = np.asarray(box, dtype=np.float64)
+    text = shown if shown is not None else f"box {_fmt_box(box)}"
+    if not np.all(np.isfinite(b)):
+        problems.add(BAD_BOX, f"{where}: {text} has non-finite coordinates")
+        return None
+    x1, y1, x2, y2 = b
+    if x2 <= x1 or y2 <= y1:
+        problems.add(BAD_BOX, f"{where}: {text} has non-positive size")
+        return None
+    # Annotators often overshoot the border by a pixel: tolerate and clip that, reject more.
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        problems.add(BAD_BOX, f"{where}: {text} is outside the {width}x{height} image")
+        return None
+    c = np.array([max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)], dtype=np.float32)
+    if c[2] <= c[0] or c[3] <= c[1]:
+        problems.add(BAD_BOX, f"{where}: {text} is empty once clipped to the image")
+        return None
+    return c
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file as a uint8 [3,H,W] RGB tensor; raises SdiddError if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            # convert() decodes every pixel, so a truncated file fails here, not later in training.
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise SdiddError(f"{path}: cannot read image (file not found)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise SdiddError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images + xyxy boxes with global labels; yields (uint8 [3,H,W], target dict)."""
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        records: Sequence[Record],
+        transform: Optional[Transform] = None,
+        name: str = "",
+    ) -> None:
+        self.classes: list[str] = list(classes)
+        self.records: list[Record] = list(records)
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        """Pixels of record `i` as uint8 [3,H,W]; subclasses (synthetic data) override this."""
+        return read_image(self.records[i].file)
+
+    def get_target(self, i: int) -> dict:
+        """Untransformed target of record `i`: boxes float32 [N,4], labels int64 [N], image_id."""
+        r = self.records[i]
+        return {
+            "boxes": torch.from_numpy(r.boxes.copy()).float().reshape(-1, 4),
+            "labels": torch.from_numpy(r.labels.copy()).long().reshape(-1),
+            "image_id": int(r.image_id),
+        }
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        """Image and target of record `i`, passed through the transform if one is set."""
+        image = self.load_image(i)
+        target = self.get_target(i)
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+    def with_transform(self, transform: Optional[Transform]) -> "DetectionDataset":
+        """Shallow copy sharing the records but using another transform."""
+        out = copy.copy(self)
+        out.transform = transform
+        return out
+
+    def with_records(self, records: Sequence[Record]) -> "DetectionDataset":
+        """Shallow copy (same class, classes and transform) holding other records."""
+        out = copy.copy(self)
+        out.records = list(records)
+        return out
+
+    @property
+    def num_boxes(self) -> int:
+        """Total number of boxes over all records."""
+        return int(sum(len(r.labels) for r in self.records))
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of boxes per class name, in class order."""
+        counts = np.zeros(len(self.classes), dtype=np.int64)
+        for r in self.records:
+            if len(r.labels):
+                counts += np.bincount(r.labels, minlength=len(self.classes))[: len(self.classes)]
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+    def summary(self) -> str:
+        """Human-readable counts: images, boxes, boxes per class."""
+        name = f"{self.name}: " if self.name else ""
+        lines = [f"{name}{len(self)} images, {self.num_boxes} boxes"]
+        width = max((len(c) for c in self.classes), default=0)
+        for i, (c, n) in enumerate(self.class_counts().items()):
+            lines.append(f"  {i:2d} {c:<{width}} {n}")
+        return "\n".join(lines)
+
+
+def subset_classes(dataset: DetectionDataset, class_names: Sequence[str]) -> DetectionDataset:
+    """Keep images with >= 1 box of `class_names`, and only those boxes; labels stay global."""
+    unknown = [c for c in class_names if c not in dataset.classes]
+    if unknown:
+        raise SdiddError(
+            f"unknown class name(s) {', '.join(map(repr, unknown))} for dataset "
+            f"{dataset.name or type(dataset).__name__}; valid names: {', '.join(dataset.classes)}"
+        )
+    keep_ids = np.array(sorted({dataset.classes.index(c) for c in class_names}), dtype=np.int64)
+    records = []
+    for r in dataset.records:
+        m = np.isin(r.labels, keep_ids)
+        if m.any():
+            records.append(dataclasses.replace(r, boxes=r.boxes[m], labels=r.labels[m]))
+    return dataset.with_records(records)

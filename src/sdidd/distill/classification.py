@@ -1,0 +1,23 @@
+"""Strategy (1), high-confidence classification distillation (HCCD) = ERD's classification response selection."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def confident_mask(teacher_cls: Tensor, k_sigma: float = 2.0) -> Tensor:
+    """Per image, anchors whose max teacher sigmoid exceeds mean + k*std over the image's anchors: [B, A] bool."""
+    score = teacher_cls.detach().sigmoid().amax(dim=-1)  # [B, A]
+    thr = score.mean(dim=1, keepdim=True) + k_sigma * score.std(dim=1, keepdim=True)  # unbiased std
+    return score > thr
+
+
+def hccd_loss(student_cls: Tensor, teacher_cls: Tensor, weight: float = 1.0) -> tuple[Tensor, int]:
+    """L2 between student old-class logits and teacher logits on mu+2sigma-confident anchors, mean per image, summed."""
+    num_old = teacher_cls.shape[-1]
+    mask = confident_mask(teacher_cls)  # [B, A]
+    sq = (student_cls[..., :num_old] - teacher_cls.detach()).pow(2).sum(-1)  # [B, A], summed over old classes
+    count = mask.sum(dim=1)  # [B]
+    # Masked sums instead of a mean over a possibly empty set: an empty image contributes an exact 0, never NaN.
+    per_image = torch.where(mask, sq, torch.zeros_like(sq)).sum(dim=1) / (count.clamp(min=1) * num_old)
+    return weight * per_image.sum(), int(count.sum())

@@ -1,0 +1,122 @@
+"""The GFLv1 detector: backbone -> FPN -> GFL head, with loss and post-processing in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from .anchors import AnchorGrid, make_anchor_grid
+from .backbone import build_backbone
+from .fpn import FPN
+from .head import GFLHead, distance2bbox, integral
+
+STRIDES = (8, 16, 32, 64, 128)
+
+
+@dataclass
+class DenseOutput:
+    """Raw dense predictions of a batch (see docs/ARCHITECTURE.md)."""
+
+    cls: Tensor  # [B, A, C] logits
+    reg: Tensor  # [B, A, 4, R+1] distribution logits
+    feats: list[Tensor]  # FPN levels P3..P7
+    grid: AnchorGrid
+
+
+@dataclass
+class DetectorConfig:
+    """Architecture of a GFL detector; saved in every checkpoint so it can be rebuilt."""
+
+    num_classes: int
+    backbone: str = "tf_efficientnet_lite2"
+    pretrained: bool | str = True
+    fpn_channels: int = 256
+    head_channels: int = 256
+    head_convs: int = 4
+    reg_max: int = 16
+    frozen_stages: int = 1
+    norm_eval: bool = True
+
+
+class GFL(nn.Module):
+    """GFLv1 dense detector. Input: uint8 or float images in 0-255 pixel units, [B, 3, H, W]."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval)
+        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, num_outs=len(STRIDES))
+        self.head = GFLHead(cfg.num_classes, cfg.fpn_channels, cfg.head_channels, cfg.head_convs, cfg.reg_max, len(STRIDES))
+        self.register_buffer("pixel_mean", torch.tensor(self.backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.backbone.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """Normalise and run backbone + FPN."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        return self.fpn(self.backbone(x))
+
+    def forward(self, images: Tensor) -> DenseOutput:
+        """Dense class and box-distribution logits for every anchor of every level."""
+        feats = self.features(images)
+        cls, reg = self.head(feats)
+        grid = make_anchor_grid([tuple(f.shape[-2:]) for f in feats], list(STRIDES), images.device)
+        return DenseOutput(cls, reg, feats, grid)
+
+    @torch.no_grad()
+    def postprocess(
+        self,
+        out: DenseOutput,
+        image_sizes: list[tuple[int, int]],
+        score_thr: float = 0.05,
+        nms_pre: int = 1000,
+        iou_thr: float = 0.6,
+        max_per_img: int = 100,
+    ) -> list[dict[str, Tensor]]:
+        """Boxes in input pixels per image: score filter, top nms_pre per level, class-aware NMS, top max_per_img."""
+        results = []
+        level_slices, start = [], 0
+        for n in out.grid.num_per_level:
+            level_slices.append(slice(start, start + n))
+            start += n
+        num_classes = out.cls.shape[-1]
+        for b, (h, w) in enumerate(image_sizes):
+            boxes_all, scores_all, labels_all = [], [], []
+            for sl in level_slices:
+                scores = out.cls[b, sl].float().sigmoid().flatten()
+                keep = (scores > score_thr).nonzero(as_tuple=True)[0]
+                if keep.numel() > nms_pre:
+                    keep = keep[scores[keep].topk(nms_pre).indices]
+                anchor = keep // num_classes + sl.start
+                dist = integral(out.reg[b, anchor].float()) * out.grid.strides[anchor, None]
+                boxes = distance2bbox(out.grid.points[anchor], dist)
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+                boxes_all.append(boxes)
+                scores_all.append(scores[keep])
+                labels_all.append(keep % num_classes)
+            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+            keep = batched_nms(boxes, scores, labels, iou_thr)[:max_per_img]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], scales: list[float] | None = None, **kw) -> list[dict[str, Tensor]]:
+        """Detect on a padded batch; boxes are mapped back to original pixels when `scales` is given."""
+        results = self.postprocess(self(images), image_sizes, **kw)
+        if scales is not None:
+            for r, s in zip(results, scales):
+                r["boxes"] = r["boxes"] / s
+        return results
+
+
+def build_detector(cfg: DetectorConfig) -> GFL:
+    """Build a GFL detector from its config."""
+    return GFL(cfg)
