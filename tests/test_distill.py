@@ -344,3 +344,21 @@ def test_idfd_empty():
     assert n == 0 and loss.item() == 0.0
     loss.backward()
     assert all(torch.isfinite(f.grad).all() for f in s_feats)
+
+
+def test_idfd_normalize_is_scale_invariant():
+    """With normalize=True the feature term does not depend on the FPN's feature scale."""
+    from sdidd.distill.feature import idfd_loss
+    from sdidd.model.anchors import make_anchor_grid
+    torch.manual_seed(0)
+    grid = make_anchor_grid([(8, 8), (4, 4)], [8, 16], torch.device("cpu"))
+    ft = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)]
+    fs = [f + 0.1 * torch.randn_like(f) for f in ft]
+    gt = [torch.tensor([[10.0, 10.0, 40.0, 30.0]])]
+    a, n = idfd_loss(fs, ft, grid.boxes, grid.num_per_level, gt, normalize=True)
+    b, _ = idfd_loss([10 * f for f in fs], [10 * f for f in ft], grid.boxes, grid.num_per_level, gt, normalize=True)
+    c, _ = idfd_loss([10 * f for f in fs], [10 * f for f in ft], grid.boxes, grid.num_per_level, gt, normalize=False)
+    assert n > 0 and a.item() > 0
+    assert torch.allclose(a, b, rtol=1e-4)
+    d, _ = idfd_loss(fs, ft, grid.boxes, grid.num_per_level, gt, normalize=False)
+    assert torch.allclose(c, 100 * d, rtol=1e-4)  # the plain MSE grows with the square of the scale

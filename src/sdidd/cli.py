@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .engine import distributed as dist
     from .engine.protocol import run_train
     cfg = load_config(a.config, a.overrides)
-    dist.init_from_env()
+    dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
     run_train(cfg)
     return 0
@@ -27,7 +28,7 @@ def _cmd_incremental(a: argparse.Namespace) -> int:
     from .engine import distributed as dist
     from .engine.protocol import run_incremental
     cfg = load_config(a.config, a.overrides)
-    dist.init_from_env()
+    dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
     run_incremental(cfg)
     return 0
@@ -86,7 +87,7 @@ def _cmd_benchmark(a: argparse.Namespace) -> int:
     if a.dataset not in ("neu-det", "deeppcb", "synthetic"):
         overrides += ["data.dataset=coco"]
     cfg = load_config(config, overrides)
-    dist.init_from_env()
+    dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
     command = "sdidd " + " ".join(sys.argv[1:])
     run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}",
@@ -108,9 +109,15 @@ def _profile_config(dataset: str, profile: str) -> str:
 
 def _cmd_check_data(a: argparse.Namespace) -> int:
     from .data.check import check_dataset
-    report = check_dataset(a.dataset, root=a.root, split=a.split)
+    report = check_dataset(a.dataset, root=a.root, split=a.split, images_dir=a.images_dir)
     print(report.format())
-    return 0 if report.ok else 1
+    if report.ok:
+        return 0
+    # One line on stderr as for every other failure, so scripts that only keep stderr still see why.
+    kind = next(iter(report.errors))
+    total = sum(report.errors.values())
+    print(f"error: {report.dataset} at {report.root}: {total} error(s), first {kind}: {report.examples[kind][0]}", file=sys.stderr)
+    return 1
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -128,9 +135,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line `error: ...` (exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print one line naming the problem and where to read the usage, then exit 2."""
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `sdidd` command."""
-    p = argparse.ArgumentParser(prog="sdidd", description="Class-incremental defect detection (SD-IDD, ERD) on GFLv1.")
+    p = _Parser(prog="sdidd", description="Class-incremental defect detection (SD-IDD, ERD) on GFLv1.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("train", help="train a detector on all (or data.classes) classes")
@@ -173,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help="neu-det, deeppcb, synthetic, or a dataset folder")
     s.add_argument("--root")
     s.add_argument("--split", default="all")
+    s.add_argument("--images-dir", help="COCO only: folder of the json's file names (default: images/ beside the json, else its folder)")
     s.set_defaults(fn=_cmd_check_data)
 
     s = sub.add_parser("predict", help="draw detections on images and write COCO-results JSON")
@@ -202,8 +219,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SdiddError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable out_dir, full disk, a file where a folder should be: fixable by the user
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; a training run continues from its last epoch with train.resume=true", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -102,9 +103,14 @@ class DistillConfig:
     idfd_weight: float = 2.0
     idfd_ratio: float = 0.5
     idfd_zero_levels_without_positives: bool = False  # True: as released
+    idfd_normalize: bool = True  # MSE relative to the teacher's feature energy; False: plain MSE (as released)
     kd_mismatch: bool = False  # True: the released loss_kd (new-class student vs old-class teacher logits)
     kd_weight: float = 0.25
     temperature: float = 10.0
+    # The released code sums ERD-cls/box and LD terms over the images of its batch of 2, so their weight
+    # against the (batch-normalised) detection loss grew with the batch size. They are scaled by
+    # release_batch / batch so a batch of 16 weighs them as the release's batch of 2 did (0: plain sum).
+    release_batch: int = 2
 
 
 METHODS = ("finetune", "erd", "sdidd", "joint")
@@ -128,6 +134,7 @@ class IncrementalConfig:
     new_class_init: str = "prior"  # prior (GFL bias init) | default (PyTorch default, as released)
     epochs: Optional[int] = None  # epochs of incremental steps (None: train.epochs)
     lr: Optional[float] = None  # lr of incremental steps (None: train.lr)
+    milestones: Optional[list[int]] = None  # lr x gamma at these epochs of incremental steps (None: train.milestones)
 
 
 @dataclass
@@ -191,8 +198,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise SdiddError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 and 1e6 as strings: they mean numbers here
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SdiddError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf/.nan as floats; no setting means them
+            raise SdiddError(f"config key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -216,7 +230,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     for k in data:
         if k not in known:
-            raise SdiddError(f"unknown config key '{prefix}{k}' (valid: {', '.join(sorted(known))})")
+            hint = _elsewhere(k) if not prefix else ""
+            raise SdiddError(f"unknown config key '{prefix}{k}'{hint} (valid: {', '.join(sorted(known))})")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -227,6 +242,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, prefix + f.name)
     return cls(**kwargs)
+
+
+def _elsewhere(key: str) -> str:
+    """', did you mean 'train.resume'?' when a top-level key is a field of a section (a forgotten prefix)."""
+    sections = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
+    hits = [f"{name}.{key}" for name, cls in sections.items() if dataclasses.is_dataclass(cls) and key in {g.name for g in fields(cls)}]
+    return ", did you mean " + " or ".join(f"'{h}'" for h in hits) + "?" if hits else ""
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -301,7 +323,11 @@ def validate(cfg: Config) -> None:
     need(0.0 <= d.flip <= 1.0, "data.flip", "must be in [0, 1]")
     need(d.on_bad_data in ("error", "skip"), "data.on_bad_data", "must be 'error' or 'skip'")
     need(d.classes is None or len(d.classes) > 0, "data.classes", "must not be empty")
-    need(m.fpn_channels > 0 and m.head_channels > 0, "model.head_channels", "must be positive")
+    need(d.classes is None or len(set(d.classes)) == len(d.classes), "data.classes", "names a class twice")
+    need(d.num_train_images is None or d.num_train_images >= 1, "data.num_train_images", "must be >= 1")
+    need(d.num_test_images is None or d.num_test_images >= 1, "data.num_test_images", "must be >= 1")
+    need(m.fpn_channels > 0, "model.fpn_channels", "must be positive")
+    need(m.head_channels > 0, "model.head_channels", "must be positive")
     need(m.head_convs >= 0, "model.head_convs", "must be >= 0")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -312,11 +338,20 @@ def validate(cfg: Config) -> None:
     need(0 < t.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
     need(all(x >= 1 for x in t.milestones) and t.milestones == sorted(t.milestones), "train.milestones", "must be increasing epochs >= 1")
     need(t.workers >= 0, "train.workers", "must be >= 0")
+    need(t.gamma > 0, "train.gamma", "must be positive")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive (or null: no clipping)")
+    need(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only after the last epoch)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "must be auto, cpu or cuda[:N]")
     need(inc.method in METHODS, "incremental.method", f"must be one of {', '.join(METHODS)}")
     need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")
     need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
+    need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
+         "incremental.milestones", "must be increasing epochs >= 1")
+    need(inc.start_step is None or inc.start_step >= 1, "incremental.start_step", "must be >= 1 (step 0 has no teacher)")
+    need(inc.start_step is None or bool(inc.teacher), "incremental.start_step", "needs incremental.teacher (the model of the step before)")
     if inc.groups is not None:
         need(len(inc.groups) >= 2, "incremental.groups", "needs at least two class groups")
         need(all(len(g) > 0 for g in inc.groups), "incremental.groups", "a class group is empty")
@@ -325,6 +360,7 @@ def validate(cfg: Config) -> None:
     if inc.protocol is not None:
         parts = inc.protocol.split("+")
         need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {inc.protocol!r}")
+    need(cfg.distill.release_batch >= 0, "distill.release_batch", "must be >= 0")
     for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature"):
         need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")
 
@@ -344,6 +380,8 @@ def protocol_groups(cfg: Config, classes: list[str]) -> list[list[str]]:
             start += s
     else:
         raise SdiddError("config key 'incremental.protocol': set a protocol such as '3+3' or incremental.groups")
+    if inc.start_step is not None and inc.start_step >= len(groups):
+        raise SdiddError(f"config key 'incremental.start_step': {inc.start_step} is past the last step ({len(groups) - 1}) of {len(groups)} class groups")
     for g in groups:
         for c in g:
             if c not in classes:

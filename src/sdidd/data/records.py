@@ -87,16 +87,17 @@ class Record:
 class Problems:
     """Sink for data problems: raises SdiddError on the first one (strict) or collects them."""
 
-    def __init__(self, strict: bool = True, max_examples: int = 5) -> None:
+    def __init__(self, strict: bool = True, max_examples: int = 5, hint: str = "") -> None:
         self.strict = strict
         self.max_examples = max_examples
+        self.hint = hint  # appended to the strict error, e.g. how training can skip the item instead
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
 
     def add(self, kind: str, message: str) -> None:
         """Report one problem of `kind`; `message` starts with the file it concerns."""
         if self.strict:
-            raise SdiddError(message)
+            raise SdiddError(f"{message}{self.hint}")
         self.counts[kind] += 1
         ex = self.examples.setdefault(kind, [])
         if len(ex) < self.max_examples:

@@ -19,8 +19,14 @@ def idfd_loss(
     weight: float = 2.0,
     zero_levels_without_positives: bool = False,
     pos_masks: Optional[Tensor] = None,
+    normalize: bool = False,
 ) -> tuple[Tensor, int]:
-    """weight * sum over levels of the MSE (masked positions of the batch x channels) on the fine-grained mask."""
+    """weight * sum over levels of the MSE (masked positions of the batch x channels) on the fine-grained mask.
+
+    `normalize` divides each level's MSE by the teacher's mean squared feature at the same positions,
+    making the term independent of the feature scale of the backbone/FPN (the released plain MSE was
+    tuned for ResNet-50 FPN features; on other necks its magnitude can swamp the detection loss).
+    """
     if zero_levels_without_positives and pos_masks is None:
         raise ValueError("zero_levels_without_positives needs pos_masks ([B, A] bool ATSS positives)")
     batch = student_feats[0].shape[0]
@@ -45,6 +51,9 @@ def idfd_loss(
         # As-released quirk: a level without ATSS positives contributes nothing to loss_im.
         if zero_levels_without_positives and not bool(pos.any()):
             continue
-        diff = fs.permute(0, 2, 3, 1)[m] - ft.detach().permute(0, 2, 3, 1)[m]  # [n, C]
-        loss = loss + diff.pow(2).sum() / (n * ch)
+        target = ft.detach().permute(0, 2, 3, 1)[m]  # [n, C]
+        mse = (fs.permute(0, 2, 3, 1)[m] - target).pow(2).sum() / (n * ch)
+        if normalize:
+            mse = mse / target.pow(2).mean().clamp(min=1e-6)
+        loss = loss + mse
     return weight * loss, total

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,51 +13,119 @@ import torch
 from ..errors import SdiddError
 
 FORMAT_VERSION = 1
+_TMP_SUFFIX = ".tmp"
+# What torch's weights-only unpickler names when it meets a global (class, function) it will not import.
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _temp_files(path: Path) -> list[Path]:
+    """Temp files `save_checkpoint` may have left for `path` (a kill between write and rename)."""
+    return sorted(path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: temp file in the same folder, fsync, rename.
 
-    A failure part way (full disk, kill) leaves the previous file at `path` untouched.
+    A failure part way (full disk, kill) leaves the previous file at `path` untouched. One writer per
+    path is assumed (rank 0 of one run), so temp files of earlier killed writes of `path` are removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _temp_files(path):
+            stale.unlink(missing_ok=True)
+    except OSError as e:
+        raise SdiddError(f"{path}: cannot write checkpoint ({e.strerror or e})") from None
     state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # fsync the folder so the rename itself survives a power cut.
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # full disk, quota, permissions: the user can fix these
+            kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint exists"
+            raise SdiddError(f"{path}: cannot write checkpoint ({e.strerror or e}); {kept}") from None
         raise
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> SdiddError:
+    """One line saying why the weights-only unpickler refused `path`."""
+    text = str(err)
+    m = _GLOBAL_RE.search(text)
+    if m:
+        return SdiddError(f"{path}: refused, the checkpoint holds a pickled object ({m.group(1)}) that loading could run as code; "
+                          "sdidd only loads tensors and plain data: re-save it as a state_dict from trusted code")
+    detail = " ".join(text.split())
+    m = re.search(r"WeightsUnpickler error: (.{1,120}?)(?: Check the documentation|$)", detail)
+    reason = m.group(1).strip() if m else "unsupported pickle content"
+    return SdiddError(f"{path}: refused, not a weights-only torch checkpoint (a plain pickle or foreign object: {reason})")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True` (it cannot run code) and check its format."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SdiddError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise SdiddError(f"{path}: checkpoint is not a file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise SdiddError(f"{path}: refused, the checkpoint holds pickled objects that could run code ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SdiddError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        raise _refusal(path, e) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file can fail anywhere in torch.load (KeyError, RuntimeError, EOFError ...)
+        first = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "empty or cut short"
+        raise SdiddError(f"{path}: not a readable checkpoint, the file is truncated or corrupt ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise SdiddError(f"{path}: not an sdidd checkpoint (no model/format_version)")
-    if state["format_version"] > FORMAT_VERSION:
-        raise SdiddError(f"{path}: checkpoint format {state['format_version']} is newer than this sdidd ({FORMAT_VERSION}); upgrade sdidd")
+    version = state["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SdiddError(f"{path}: checkpoint format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise SdiddError(f"{path}: checkpoint format {version} is newer than this sdidd reads ({FORMAT_VERSION}); upgrade sdidd")
+    if version != FORMAT_VERSION:
+        raise SdiddError(f"{path}: checkpoint format {version} is not supported (this sdidd reads format {FORMAT_VERSION}); retrain or convert it")
+    _check_contents(path, state)
+    return state
+
+
+def _check_contents(path: Path, state: dict[str, Any]) -> None:
+    """The fields every consumer reads, with their types, so later code fails with a message, not a KeyError."""
     for key in ("detector", "classes"):
         if key not in state:
             raise SdiddError(f"{path}: checkpoint lacks '{key}'")
-    return state
+    model, det, classes = state["model"], state["detector"], state["classes"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise SdiddError(f"{path}: checkpoint 'model' is not a mapping of parameter names to tensors")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise SdiddError(f"{path}: checkpoint 'classes' is not a non-empty list of class names")
+    if not isinstance(det, dict) or not isinstance(det.get("backbone"), str):
+        raise SdiddError(f"{path}: checkpoint 'detector' does not name a backbone")
+    if det.get("num_classes") != len(classes):
+        raise SdiddError(f"{path}: checkpoint detector has {det.get('num_classes')} class outputs but lists {len(classes)} classes")
+
+
+def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: list[str], backbone: str,
+               step: int | None = None, hint: str = "") -> None:
+    """Refuse a loaded checkpoint whose classes, backbone or task step differ from what `purpose` needs, naming each."""
+    diffs = []
+    if list(state["classes"]) != list(classes):
+        diffs.append(f"classes {list(state['classes'])} (needs {list(classes)})")
+    if state["detector"]["backbone"] != backbone:
+        diffs.append(f"backbone {state['detector']['backbone']} (needs {backbone})")
+    if step is not None and "step" in state and state["step"] != step:
+        diffs.append(f"task step {state['step']} (needs {step})")
+    if diffs:
+        raise SdiddError(f"{path}: cannot {purpose}, the checkpoint holds {'; '.join(diffs)}{'; ' + hint if hint else ''}")

@@ -12,20 +12,24 @@ from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, bu
 from ..errors import SdiddError
 
 
-def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
-    """Load one split of the configured dataset (all classes, global labels)."""
+_BAD_DATA_HINT = "; run `sdidd check-data` for the full list, or set data.on_bad_data=skip"
+
+
+def load_split(cfg: DataConfig, split: str, report: bool = True) -> DetectionDataset:
+    """Load one split of the configured dataset (all classes, global labels); `report`: print what was skipped."""
     if cfg.dataset == "synthetic":
         n = cfg.num_train_images if split == "train" else cfg.num_test_images
         return build_dataset("synthetic", split, num_images=n, image_size=max(cfg.train_sizes + [cfg.test_size]), seed=cfg.seed)
+    # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
+    problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
     if cfg.dataset == "coco":
         ann = cfg.train_ann if split == cfg.train_split else cfg.test_ann
         if not cfg.images_dir or not ann:
             raise SdiddError("config keys 'data.images_dir', 'data.train_ann' and 'data.test_ann' are needed for a coco dataset")
-        return build_dataset("coco", split, images_dir=cfg.images_dir, ann_file=ann, problems=Problems(strict=cfg.on_bad_data == "error"))
-    # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
-    problems = Problems(strict=cfg.on_bad_data == "error")
-    ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
-    if problems.counts:
+        ds = build_dataset("coco", split, images_dir=cfg.images_dir, ann_file=ann, problems=problems)
+    else:
+        ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
+    if problems.counts and report:
         print(f"warning: {split}: skipped annotation problems (data.on_bad_data=skip): "
               + "; ".join(f"{k} x{n} (e.g. {problems.examples[k][0]})" for k, n in problems.counts.items()))
     return ds
@@ -74,8 +78,11 @@ def train_loader(dataset: DetectionDataset, cfg: DataConfig, batch_size: int, wo
     """Shuffled, multi-scale + flip augmented, padded batches."""
     dataset.transform = TrainTransform(cfg.train_sizes, cfg.max_size, cfg.flip)
     sampler = sampler or EpochShuffleSampler(len(dataset), seed)
+    # Decided on the images this process draws (a rank's shard under DDP), so W ranks x batch b drop the
+    # same tail as one process with batch W x b.
+    n = len(sampler)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      drop_last=len(dataset) >= 2 * batch_size, persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      drop_last=n >= 2 * batch_size, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 def test_loader(dataset: DetectionDataset, cfg: DataConfig, batch_size: int, workers: int, sampler: Sampler | None = None) -> DataLoader:

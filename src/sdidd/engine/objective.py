@@ -36,25 +36,27 @@ def step_loss(
         s_cls, s_reg = student.cls.float(), student.reg.float()
         t_cls, t_reg = teacher.cls.float(), teacher.reg.float()
         new_slice = slice(num_old, s_cls.shape[-1])
+        # Batch-summed terms are put on the release's per-batch-of-2 scale (see DistillConfig.release_batch).
+        per_batch = distill.release_batch / s_cls.shape[0] if distill.release_batch else 1.0
         if distill.hccd:
-            losses["hccd"], n = hccd_loss(s_cls, t_cls, weight=distill.hccd_weight)
+            losses["hccd"], n = hccd_loss(s_cls, t_cls, weight=distill.hccd_weight * per_batch)
             counts["n_hccd"] = float(n)
         if distill.erd_box:
             losses["erd_box"], n = erd_box_loss(
                 s_cls, s_reg, t_cls, t_reg, grid.points, grid.strides, nms_iou=distill.erd_box_nms_iou,
-                T=distill.temperature, weight=distill.erd_box_weight, scale_by_stride=distill.erd_box_stride_fix,
+                T=distill.temperature, weight=distill.erd_box_weight * per_batch, scale_by_stride=distill.erd_box_stride_fix,
             )
             counts["n_erd_box"] = float(n)
         if distill.dscrd:
             r = dscrd_loss(s_cls, s_reg, t_reg, grid.boxes, grid.num_per_level, gt_boxes, new_slice,
-                           T=distill.temperature, ld_weight=distill.ld_weight, vlr_weight=distill.vlr_weight)
+                           T=distill.temperature, ld_weight=distill.ld_weight * per_batch, vlr_weight=distill.vlr_weight * per_batch)
             losses["ld"], losses["vlr"] = r["ld"], r["vlr"]
             counts["n_ld"], counts["n_vlr"] = float(r["n_pos"]), float(r["n_vlr"])
         if distill.idfd:
             losses["idfd"], n = idfd_loss(
                 student.feats, teacher.feats, grid.boxes, grid.num_per_level, gt_boxes, ratio=distill.idfd_ratio,
                 weight=distill.idfd_weight, zero_levels_without_positives=distill.idfd_zero_levels_without_positives,
-                pos_masks=targets.pos_mask,
+                pos_masks=targets.pos_mask, normalize=distill.idfd_normalize,
             )
             counts["n_idfd"] = float(n)
         if distill.kd_mismatch:

@@ -13,7 +13,7 @@ from .trainer import StepResult, StepSpec, _check_teacher, model_from_checkpoint
 
 def dataset_classes(cfg: Config) -> list[str]:
     """Class names of the configured dataset, in its order."""
-    return list(load_split(cfg.data, cfg.data.train_split).classes)
+    return list(load_split(cfg.data, cfg.data.train_split, report=False).classes)  # train_step reports skipped items once
 
 
 def run_train(cfg: Config) -> StepResult:

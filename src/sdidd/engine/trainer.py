@@ -21,7 +21,7 @@ from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_detections, format_table, result_to_dict
 from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_fits, load_checkpoint, save_checkpoint
 from .data_setup import load_split, relabel, test_loader, train_loader
 from .incremental import extend_student, freeze_teacher
 from .objective import step_loss
@@ -79,12 +79,28 @@ def detector_config(cfg: Config, num_classes: int) -> DetectorConfig:
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> GFL:
     """Rebuild a detector from a checkpoint's architecture record and weights."""
-    det = DetectorConfig(**{**state["detector"], "pretrained": False})
+    try:
+        det = DetectorConfig(**{**state["detector"], "pretrained": False})
+    except TypeError as e:  # a detector record of another sdidd version (unknown or missing fields)
+        raise SdiddError(f"checkpoint detector record does not fit this sdidd ({e})") from None
     model = build_detector(det)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise SdiddError(f"checkpoint weights do not fit the {det.backbone} detector (missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    _load_weights(model, state["model"], f"the {det.backbone} detector it describes ({det.num_classes} classes)")
     return model.to(device)
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load `weights` strictly; any missing, unexpected or mis-shaped tensor is one SdiddError line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    # load_state_dict raises a multi-line RuntimeError on shape mismatches: name the first one instead.
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        first = (f", e.g. {shapes[0]} is {tuple(weights[shapes[0]].shape)} in the checkpoint, {tuple(own[shapes[0]].shape)} in the model"
+                 if shapes else f", e.g. {(missing or unexpected)[0]}")
+        raise SdiddError(f"checkpoint weights do not fit {what} (missing {len(missing)}, unexpected {len(unexpected)}, "
+                         f"mis-shaped {len(shapes)} tensors{first})")
+    model.load_state_dict(weights)
 
 
 def lr_factor(it: int, iters_per_epoch: int, warmup_iters: int, warmup_ratio: float, milestones: list[int], gamma: float) -> float:
@@ -116,19 +132,31 @@ def evaluate_model(model: GFL, dataset: DetectionDataset, cfg: Config, device: t
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "numpy_seed": int(np.random.get_state()[1][0])}
+    """Every RNG state as tensors and plain numbers, so weights-only loading can read it back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `_rng_state` saved (parts a checkpoint lacks are left as they are)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def _check_teacher(teacher_state: dict[str, Any], spec: StepSpec, cfg: Config, path: str) -> None:
     """Refuse a teacher whose classes or backbone do not fit the step."""
-    t_classes = list(teacher_state["classes"])
-    if t_classes != spec.classes[: spec.num_old]:
-        raise SdiddError(f"{path}: teacher knows classes {t_classes}, but this step needs a teacher of {spec.classes[:spec.num_old]}")
-    if teacher_state["detector"]["backbone"] != cfg.model.backbone:
-        raise SdiddError(f"{path}: teacher backbone is {teacher_state['detector']['backbone']}, the config asks for {cfg.model.backbone}")
+    check_fits(teacher_state, path, f"be the teacher of step {spec.step} ({spec.method})", spec.classes[: spec.num_old], cfg.model.backbone)
 
 
 def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Optional[GFL] = None,
@@ -152,6 +180,8 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
     full_test = load_split(cfg.data, cfg.data.test_split)
     from .data_check import guard_dataset  # local import: keeps the trainer importable without the checker
     full_train = guard_dataset(full_train, cfg.data)
+    # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
+    full_test = guard_dataset(full_test, cfg.data)
     train_set = relabel(full_train, spec.new_classes)
     test_set = relabel(full_test, spec.classes, keep_empty=True)
     if len(train_set) == 0:
@@ -167,9 +197,10 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
         model = build_detector(detector_config(cfg, len(spec.classes))).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # Incremental steps (those with a teacher) may have their own decay epochs.
+    milestones = cfg.incremental.milestones if teacher is not None and cfg.incremental.milestones is not None else cfg.train.milestones
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, t.warmup_iters, t.warmup_ratio, cfg.train.milestones, t.gamma))
-    ddp_model = dist.wrap(model, device)
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, t.warmup_iters, t.warmup_ratio, milestones, t.gamma))
     use_amp = t.amp and device.type == "cuda"
 
     # ---- resume
@@ -177,19 +208,33 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
     last = out_dir / "last.pth"
     if t.resume and last.is_file():
         state = load_checkpoint(last, map_location=device)
-        if list(state["classes"]) != spec.classes:
-            raise SdiddError(f"{last}: cannot resume, it holds classes {state['classes']}, this step trains {spec.classes}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
+        check_fits(state, last, "resume", spec.classes, cfg.model.backbone, spec.step,
+                   hint="use another train.out_dir or train.resume=false")
+        _load_weights(model, state["model"], f"the model of this config ({cfg.model.backbone}); use another train.out_dir or train.resume=false")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
+            # Epochs reseed data order and augmentation themselves; this restores anything else drawn between epochs.
+            _set_rng_state(state.get("rng", {}))
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise SdiddError(f"{last}: cannot resume, its optimizer/scheduler/RNG state does not fit this run ({type(e).__name__}: {e})") from None
         if dist.is_main():
             print(f"resumed {last} at epoch {start_epoch}/{epochs}")
         if start_epoch >= epochs and "metrics" in state:
             return StepResult(model, last, _result_from_dict(state["metrics"], test_set), dict(state.get("stats", {})))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).
+    ddp_model = dist.wrap(model, device)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_dist():
+            print(f"DDP: {dist.world_size()} ranks x train.batch_size {t.batch_size} = global batch {t.batch_size * dist.world_size()}, "
+                  f"{iters_per_epoch} iterations/epoch, lr {lr} (not scaled)")
     log_path = out_dir / "log.csv"
+    if iteration > 0 and dist.is_main():  # resumed: drop the rows of the epoch the interruption cut short, it is trained again
+        _trim_log(log_path, iteration)
+    start_iteration = iteration
     log_file = None
     writer = None
     if dist.is_main():
@@ -202,6 +247,11 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
         torch.cuda.reset_peak_memory_stats(device)
 
     def save(epoch: int, metrics: Optional[dict] = None) -> Path:
+        # A gradient overflow in the epoch's last step leaves NaN weights behind a finite loss: never let them replace last.pth.
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise SdiddError(f"non-finite weights after epoch {epoch} (e.g. {bad}); not saved, the last good checkpoint is "
+                             f"{last if last.exists() else 'not written yet'}; try a lower train.lr or set train.grad_clip")
         ckpt = {
             "model": model.state_dict(), "detector": model.cfg.__dict__ | {"num_classes": len(spec.classes)},
             "classes": list(spec.classes), "new_classes": list(spec.new_classes), "step": spec.step, "method": spec.method,
@@ -213,15 +263,16 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
         if dist.is_main():
             save_checkpoint(ckpt, out_dir / f"epoch_{epoch}.pth")
             save_checkpoint(ckpt, last)
+        dist.barrier()  # the other ranks must not run ahead (next step, resume check) of rank 0's write
         return last
 
     model.train()
     for epoch in range(start_epoch, epochs):
         # Per-epoch seeds make data order and augmentation independent of where a run was resumed.
-        torch.manual_seed(t.seed * 7919 + spec.step * 131 + epoch)
-        random.seed(t.seed * 7919 + spec.step * 131 + epoch)
+        torch.manual_seed(t.seed * 7919 + spec.step * 131 + epoch + dist.rank_seed_offset())  # offset 0 unless DDP rank > 0
+        random.seed(t.seed * 7919 + spec.step * 131 + epoch + dist.rank_seed_offset())
         loader.sampler.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"[{spec.method}] step {spec.step} epoch {epoch + 1}/{epochs}", disable=not (t.progress and dist.is_main()),
+        bar = tqdm(loader, desc=f"[{spec.method}] step {spec.step} epoch {epoch + 1}/{epochs}", disable=None if (t.progress and dist.is_main()) else True,  # None: off when not a terminal
                    dynamic_ncols=True, leave=False)
         epoch_start, seen = time.perf_counter(), 0
         for batch in bar:
@@ -238,23 +289,25 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
             if not torch.isfinite(loss):
                 bad = [k for k, v in parts.items() if k.startswith("loss_") and not math.isfinite(float(v))]
                 save_path = out_dir / "last.pth"
-                raise SdiddError(f"non-finite loss at epoch {epoch + 1}, iteration {iteration} (part: {', '.join(bad) or 'total'}); "
+                raise SdiddError(f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1} (part: {', '.join(bad) or 'total'}); "
                                  f"the last good checkpoint is {save_path if save_path.exists() else 'not written yet'}; try a lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                # The pre-clip norm is logged: a norm far above grad_clip means the step is mostly clipped away.
+                parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip).detach()
             optimizer.step()
             scheduler.step()
             iteration += 1
             seen += images.shape[0]
             if iteration % t.log_every == 0 or iteration == 1:
+                parts = dist.reduce_log(parts)  # DDP: mean over ranks (every rank reaches this line at the same iterations)
                 row = {"epoch": epoch + 1, "iter": iteration, "lr": optimizer.param_groups[0]["lr"]}
                 row.update({k: round(float(v), 6) for k, v in parts.items()})
                 row["img_s"] = round(seen * dist.world_size() / max(time.perf_counter() - epoch_start, 1e-9), 2)
                 if dist.is_main():
                     if writer is None:
-                        new_file = not log_path.exists() or iteration <= t.log_every
+                        new_file = start_iteration == 0 or not log_path.exists()
                         log_file = open(log_path, "w" if new_file else "a", newline="")
                         writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
                         if new_file:
@@ -279,7 +332,24 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
     save(epochs, result_to_dict(result))
     if dist.is_main():
         (out_dir / "metrics.json").write_text(json.dumps(result_to_dict(result) | {"stats": stats}, indent=2))
+    dist.barrier()
     return StepResult(model, last, result, stats)
+
+
+def _trim_log(log_path: Path, iteration: int) -> None:
+    """Keep the header and the rows up to `iteration` of a log.csv, so a resumed run appends without duplicates."""
+    if not log_path.is_file():
+        return
+    with open(log_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "iter" not in rows[0]:
+        return
+    col = rows[0].index("iter")
+    kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) <= iteration]
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, log_path)
 
 
 def _groups(spec: StepSpec) -> dict[str, list[int]]:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as tdist
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
@@ -48,6 +49,21 @@ def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / (area_a + area_b - inter).clamp(min=1e-6)
 
 
+def _ddp_normalisers(num_pos: int, weight_sum: Tensor) -> tuple[float, float] | None:
+    """Under torch.distributed: (max(N, 1) / W, max(S, 1) / W) with N, S the positives / score sums of all ranks.
+
+    DDP averages gradients over W ranks, so these per-rank normalisers make the update equal to one
+    process normalising the whole batch by its totals. None outside a process group (the plain GFL path).
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return None
+    t = torch.stack([torch.tensor(float(num_pos), dtype=torch.float64, device=weight_sum.device), weight_sum.detach().double()])
+    tdist.all_reduce(t)  # every rank calls this once per gfl_loss, with or without positives
+    w = tdist.get_world_size()
+    total_pos, total_w = t.tolist()
+    return max(total_pos, 1.0) / w, max(total_w, 1.0) / w
+
+
 def assign_targets(grid: AnchorGrid, gt_boxes: list[Tensor], gt_labels: list[Tensor], topk: int = 9) -> GFLTargets:
     """Run ATSS per image and gather positives of the whole batch."""
     anchors = grid.boxes
@@ -74,16 +90,20 @@ def gfl_loss(
     """GFL losses for logits `cls` [B, A, C] (only the channels being trained) and `reg` [B, A, 4, R+1].
 
     Normalisers follow GFL: QFL by the number of positives, GIoU and DFL by the sum of the positives'
-    predicted scores (clamped >= 1).
+    predicted scores (clamped >= 1). Under torch.distributed they are the totals over all ranks divided
+    by the world size (one all_reduce; every rank must call this), so DDP matches one process.
     """
     cls, reg = cls.float(), reg.float()  # losses in fp32 under AMP
     reg_max = reg.shape[-1] - 1
     pos = targets.pos_mask
     num_pos = int(pos.sum())
     score_targets = torch.zeros_like(cls)
-    zero = cls.sum() * 0.0
+    zero = cls.sum() * 0.0 + reg.sum() * 0.0  # keeps the regression branch in the graph: DDP needs a gradient for every parameter
     if num_pos == 0:
         qfl = quality_focal_loss(cls, score_targets, beta).sum()
+        ddp = _ddp_normalisers(0, zero.detach())
+        if ddp is not None:
+            qfl = qfl / ddp[0]
         return {"qfl": qfl_weight * qfl, "giou": zero, "dfl": zero, "num_pos": torch.tensor(0.0)}
 
     batch_idx, anchor_idx = pos.nonzero(as_tuple=True)
@@ -96,9 +116,10 @@ def gfl_loss(
 
     iou = aligned_iou(pred_boxes.detach(), gt_boxes)
     score_targets[batch_idx, anchor_idx, targets.labels] = iou
-    qfl = quality_focal_loss(cls, score_targets, beta).sum() / max(num_pos, 1)
+    ddp = _ddp_normalisers(num_pos, weights.sum())
+    qfl = quality_focal_loss(cls, score_targets, beta).sum() / (max(num_pos, 1) if ddp is None else ddp[0])
 
-    avg = weights.sum().clamp(min=1.0)
+    avg = weights.sum().clamp(min=1.0) if ddp is None else ddp[1]
     giou = (generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none") * weights).sum() / avg
     dist_targets = bbox2distance(points, gt_boxes, reg_max - 0.1)
     dfl = distribution_focal_loss(pos_reg.reshape(-1, reg_max + 1), dist_targets.reshape(-1))

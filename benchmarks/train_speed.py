@@ -1,0 +1,150 @@
+"""Training speed: our GFL train step vs torchvision's FCOS with the same backbone, FPN, head depth and image size.
+
+Both detectors share one backbone + FPN implementation (sdidd's timm backbone and FPN, P3-P7), so the
+difference is the head, the target assignment and the loss. A full train step is timed: forward, loss,
+backward and SGD step, on random images with 1-4 random boxes each, after warm-up iterations.
+
+    python benchmarks/train_speed.py --device cpu --size 160 --batch 8 --iters 10
+    python benchmarks/train_speed.py --device cuda --size 800 --batch 16 --iters 30 --backbone tf_efficientnet_lite2 --head-channels 256 --head-convs 4
+
+Writes docs/results/train_speed_<device>.md (command, machine, date, images/s of both).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import shlex
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.fcos import FCOSHead
+
+from sdidd.config import LossConfig
+from sdidd.engine.objective import step_loss
+from sdidd.model.detector import DetectorConfig, build_detector
+
+
+class _FeatureExtractor(nn.Module):
+    """sdidd backbone + FPN behind torchvision's backbone interface (OrderedDict of maps, `out_channels`)."""
+
+    def __init__(self, gfl: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.fpn = gfl.backbone, gfl.fpn
+        self.out_channels = gfl.cfg.fpn_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return OrderedDict((str(i), f) for i, f in enumerate(self.fpn(self.backbone(x))))
+
+
+def _batch(n: int, size: int, num_classes: int, gen: torch.Generator) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Random images (0-255) with 1-4 random boxes of 16-50% of the side per image."""
+    images = torch.rand(n, 3, size, size, generator=gen) * 255
+    boxes, labels = [], []
+    for _ in range(n):
+        k = int(torch.randint(1, 5, (1,), generator=gen))
+        wh = (torch.rand(k, 2, generator=gen) * 0.34 + 0.16) * size
+        xy = torch.rand(k, 2, generator=gen) * (size - wh)
+        boxes.append(torch.cat([xy, xy + wh], 1))
+        labels.append(torch.randint(0, num_classes, (k,), generator=gen))
+    return images, boxes, labels
+
+
+def _time(step, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of `step` after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time both detectors and write the Markdown report."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--fpn-channels", type=int, default=128)
+    p.add_argument("--head-channels", type=int, default=128)
+    p.add_argument("--head-convs", type=int, default=2)
+    p.add_argument("--num-classes", type=int, default=6)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--out", default=None, help="Markdown path (default docs/results/train_speed_<device>.md)")
+    a = p.parse_args(argv)
+    if a.head_channels != a.fpn_channels:
+        p.error("torchvision's FCOS head works at the FPN width: use --head-channels equal to --fpn-channels")
+    device = torch.device(a.device)
+    gen = torch.Generator().manual_seed(0)
+    images, boxes, labels = _batch(a.batch, a.size, a.num_classes, gen)
+    images = images.to(device)
+    boxes = [b.to(device) for b in boxes]
+    labels = [lab.to(device) for lab in labels]
+    cfg = DetectorConfig(num_classes=a.num_classes, backbone=a.backbone, pretrained=False, fpn_channels=a.fpn_channels,
+                         head_channels=a.head_channels, head_convs=a.head_convs)
+
+    gfl = build_detector(cfg).to(device).train()
+    opt = torch.optim.SGD([q for q in gfl.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
+    loss_cfg = LossConfig()
+
+    def gfl_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+            out = gfl(images)
+            loss, _ = step_loss(out, None, boxes, labels, 0, loss_cfg, 1.0, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    fcos_base = build_detector(cfg)
+    fcos = FCOS(_FeatureExtractor(fcos_base), num_classes=a.num_classes, min_size=a.size, max_size=a.size,
+                image_mean=[m / 255 for m in fcos_base.backbone.mean], image_std=[s / 255 for s in fcos_base.backbone.std],
+                head=FCOSHead(a.fpn_channels, 1, a.num_classes, num_convs=a.head_convs)).to(device).train()
+    fopt = torch.optim.SGD([q for q in fcos.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
+    fimages = [im / 255 for im in images]  # torchvision detectors take 0-1 images
+    ftargets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+
+    def fcos_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+            loss = sum(fcos(fimages, ftargets).values())
+        fopt.zero_grad(set_to_none=True)
+        loss.backward()
+        fopt.step()
+
+    rows = []
+    for name, step in (("sdidd GFL", gfl_step), ("torchvision FCOS", fcos_step)):
+        sec = _time(step, a.iters, a.warmup, device)
+        rows.append((name, a.batch / sec))
+        print(f"{name}: {a.batch / sec:.2f} img/s")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    out = Path(a.out or f"docs/results/train_speed_{device.type}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Training speed: sdidd GFL vs torchvision FCOS ({device.type})", "",
+             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Machine: {machine}; torch {torch.__version__}", f"- Date: {dt.date.today().isoformat()}",
+             f"- Setting: {a.backbone} (random init), FPN P3-P7 {a.fpn_channels} ch, head {a.head_convs} convs, "
+             f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, bf16 autocast: {a.amp}; "
+             f"full train step (forward + loss + backward + SGD), mean of {a.iters} after {a.warmup} warm-up",
+             "", "| detector | train images/s |", "|---|---|"]
+    lines += [f"| {n} | {v:.2f} |" for n, v in rows]
+    lines += ["", f"Ratio GFL / FCOS: **{rows[0][1] / rows[1][1]:.2f}** (goal ≥ 1.0)."]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

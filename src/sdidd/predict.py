@@ -1,0 +1,143 @@
+"""`sdidd predict`: detect on image files or folders, draw the boxes, write COCO-results JSON.
+
+Pre-processing is evaluation's (``EvalTransform``: keep-ratio resize to the checkpoint's test size,
+long side capped, zero-pad to a multiple of 32; the detector normalises itself) and post-processing
+is the detector's own (``GFL.postprocess``). Boxes are mapped back to the original image pixels.
+
+``DIR/predictions.json`` holds::
+
+    {"categories": [{"id": 1, "name": ...}, ...],          # category_id = model channel + 1, as in `sdidd eval`
+     "images": [{"id": 1, "file_name": ..., "path": ..., "width": W, "height": H}, ...],
+     "detections": [{"image_id": 1, "file_name": ..., "category_id": 1, "bbox": [x, y, w, h], "score": s}, ...]}
+
+``detections`` is a COCO results list (``COCO.loadRes`` accepts it as is); bbox is in original pixels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.records import read_image
+from .data.transforms import EvalTransform, collate
+from .errors import SdiddError
+
+__all__ = ["run_predict", "find_images", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand image files and folders (their images, sorted, not recursive) into a list of files."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise SdiddError(f"{p}: input not found")
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SdiddError(f"{p}: folder holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+            files += found
+        else:
+            files.append(p)  # an explicitly named file is tried whatever its suffix; decoding says if it is no image
+    return files
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SdiddError(f"--device {name}: CUDA is not available (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SdiddError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def _out_names(files: list[Path]) -> list[str]:
+    """Output file names: the input's name, made unique when two folders hold the same name."""
+    names, seen = [], set()
+    for f in files:
+        name, k = f.name, 1
+        while name.lower() in seen:
+            name, k = f"{f.stem}_{k}{f.suffix}", k + 1
+        seen.add(name.lower())
+        names.append(name)
+    return names
+
+
+def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "predictions",
+                score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None) -> list[dict[str, Any]]:
+    """Detect on `inputs`, write drawn images and predictions.json to `out`; return per-image results (original pixels)."""
+    from .engine.checkpoint import load_checkpoint
+    from .engine.trainer import model_from_checkpoint
+    from .plots import draw_detections
+
+    if batch_size < 1:
+        raise SdiddError(f"--batch-size {batch_size}: must be >= 1")
+    if not 0 <= score_thr <= 1:
+        raise SdiddError(f"--score {score_thr}: must be within 0..1")
+    files = find_images(inputs)  # before loading the model: input mistakes are reported at once
+    dev = _device(device)
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, dev).eval()
+    classes = list(state["classes"])
+    data = dict(state.get("config", {}).get("data", {}))
+    test_size, max_size = int(data.get("test_size", 160)), int(data.get("max_size", 267))
+    if size is not None:
+        if size < 32:
+            raise SdiddError(f"--size {size}: must be >= 32")
+        max_size = max(size, round(size * max_size / test_size))  # keep the checkpoint's long/short cap ratio
+        test_size = size
+    transform = EvalTransform(test_size, max_size)
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _out_names(files)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        originals = [read_image(f) for f in chunk]
+        batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
+        with torch.no_grad():
+            dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
+        for k, (f, im, det, tgt) in enumerate(zip(chunk, originals, dets, batch["targets"])):
+            h, w = tgt["orig_size"]
+            sx, sy = tgt["scale_xy"]  # exact per-axis factors of the whole-pixel resize
+            boxes = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            r = {"image_id": start + k + 1, "file": str(f), "file_name": names[start + k], "width": w, "height": h,
+                 "boxes": boxes.numpy(), "scores": det["scores"].float().cpu().numpy(), "labels": det["labels"].cpu().numpy()}
+            drawn = draw_detections(im.permute(1, 2, 0).numpy(), r["boxes"], r["scores"], r["labels"], classes, score_thr)
+            _save_image(drawn, out_dir / r["file_name"])
+            results.append(r)
+    json_path = out_dir / "predictions.json"
+    json_path.write_text(json.dumps(_to_json(results, classes)))
+    n = sum(len(r["scores"]) for r in results)
+    print(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}")
+    return results
+
+
+def _save_image(pixels: np.ndarray, path: Path) -> None:
+    im = Image.fromarray(pixels)
+    # JPEG at high quality so the thin box lines and captions stay legible.
+    im.save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+
+
+def _to_json(results: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """COCO categories/images and a COCO-results detection list (xywh, original pixels)."""
+    dets = []
+    for r in results:
+        for (x1, y1, x2, y2), s, lab in zip(r["boxes"].tolist(), r["scores"].tolist(), r["labels"].tolist()):
+            dets.append({"image_id": r["image_id"], "file_name": r["file_name"], "category_id": int(lab) + 1,
+                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(s, 5)})
+    return {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+            "images": [{"id": r["image_id"], "file_name": r["file_name"], "path": r["file"], "width": r["width"],
+                        "height": r["height"]} for r in results],
+            "detections": dets}
