@@ -90,6 +90,16 @@ def test_hccd_selects_hand_computed_anchors():
     assert [i for i, v in enumerate(s) if v > statistics.mean(s) + statistics.stdev(s)] == [3, 7, 11]
 
 
+def test_hccd_min_score_drops_relatively_confident_but_weak_anchors():
+    t = _hccd_teacher()  # anchors 3 (0.95), 11 (0.92) and, in image 1, 5 (sigmoid(1) = 0.73)
+    assert confident_mask(t, min_score=0.8)[0].nonzero().squeeze(1).tolist() == [3, 11]
+    assert not confident_mask(t, min_score=0.8)[1].any()
+    assert torch.equal(confident_mask(t, min_score=0.0), confident_mask(t))
+    student = t.clone()
+    student[1, 5] += 2.0  # only the dropped anchor differs: no loss with the floor, a loss without it
+    assert hccd_loss(student, t, min_score=0.8)[0].item() == 0.0 and hccd_loss(student, t)[0].item() > 0
+
+
 def test_hccd_value_zero_and_descent():
     t = _hccd_teacher()
     student = torch.cat([t, torch.randn(2, 20, 3)], dim=-1)  # new channels are ignored

@@ -19,12 +19,13 @@ from .engine.trainer import StepResult, StepSpec, train_step
 from .config import protocol_groups
 from .errors import SdiddError
 
-# Each ablation removes one strategy from the full sdidd method.
+# Each ablation removes one strategy (or our HCCD score floor) from the full sdidd method.
 ABLATIONS = {
     "sdidd-no-cls": {"hccd": False},
     "sdidd-no-reg": {"dscrd": False},
     "sdidd-no-feat": {"idfd": False},
     "sdidd-no-erdbox": {"erd_box": False},
+    "sdidd-no-floor": {"hccd_min_score": 0.0},  # the paper's mu+2sigma HCCD selection without our score floor
 }
 METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", *ABLATIONS]
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -11,26 +9,29 @@ from typing import Optional
 
 from .errors import SdiddError
 
+if typing.TYPE_CHECKING:
+    from .config import Config
 
-def _cmd_train(a: argparse.Namespace) -> int:
+
+def _run_config(a: argparse.Namespace) -> "Config":
+    """Load CONFIG + overrides and join torchrun's process group when launched by it."""
     from .config import load_config
     from .engine import distributed as dist
-    from .engine.protocol import run_train
     cfg = load_config(a.config, a.overrides)
     dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
-    run_train(cfg)
+    return cfg
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .engine.protocol import run_train
+    run_train(_run_config(a))
     return 0
 
 
 def _cmd_incremental(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine import distributed as dist
     from .engine.protocol import run_incremental
-    cfg = load_config(a.config, a.overrides)
-    dist.init_from_env(cfg.train.device)
-    cfg.train.device = dist.device_for_rank(cfg.train.device)
-    run_incremental(cfg)
+    run_incremental(_run_config(a))
     return 0
 
 

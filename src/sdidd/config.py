@@ -92,6 +92,8 @@ class DistillConfig:
 
     hccd: Optional[bool] = None  # (1) high-confidence classification distillation (= ERD cls)
     hccd_weight: float = 1.0
+    # HCCD anchors also need this absolute teacher score; None: the method's default (sdidd 0.1, erd 0.0 = mu+2sigma only)
+    hccd_min_score: Optional[float] = None
     erd_box: Optional[bool] = None  # ERD's box elastic response selection
     erd_box_weight: float = 0.25
     erd_box_stride_fix: bool = True  # False: as released (teacher boxes decoded without the stride)
@@ -115,10 +117,10 @@ class DistillConfig:
 
 METHODS = ("finetune", "erd", "sdidd", "joint")
 _METHOD_DEFAULTS = {
-    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False),
-    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False),
-    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False),
-    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True),
+    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0),
+    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0),
+    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False, hccd_min_score=0.0),
+    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1),
 }
 
 
@@ -361,6 +363,7 @@ def validate(cfg: Config) -> None:
         parts = inc.protocol.split("+")
         need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {inc.protocol!r}")
     need(cfg.distill.release_batch >= 0, "distill.release_batch", "must be >= 0")
+    need(cfg.distill.hccd_min_score is None or 0.0 <= cfg.distill.hccd_min_score < 1.0, "distill.hccd_min_score", "must be in [0, 1)")
     for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature"):
         need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")
 

@@ -5,17 +5,21 @@ import torch
 from torch import Tensor
 
 
-def confident_mask(teacher_cls: Tensor, k_sigma: float = 2.0) -> Tensor:
-    """Per image, anchors whose max teacher sigmoid exceeds mean + k*std over the image's anchors: [B, A] bool."""
+def confident_mask(teacher_cls: Tensor, k_sigma: float = 2.0, min_score: float = 0.0) -> Tensor:
+    """Per image, anchors whose max teacher sigmoid exceeds mean + k*std over the image's anchors: [B, A] bool.
+
+    `min_score` > 0 also requires an absolute score: in a new-task image without old objects the relative
+    rule still picks the teacher's "most confident" anchors, which lie on the new defects themselves.
+    """
     score = teacher_cls.detach().sigmoid().amax(dim=-1)  # [B, A]
     thr = score.mean(dim=1, keepdim=True) + k_sigma * score.std(dim=1, keepdim=True)  # unbiased std
-    return score > thr
+    return (score > thr) & (score >= min_score)
 
 
-def hccd_loss(student_cls: Tensor, teacher_cls: Tensor, weight: float = 1.0) -> tuple[Tensor, int]:
+def hccd_loss(student_cls: Tensor, teacher_cls: Tensor, weight: float = 1.0, min_score: float = 0.0) -> tuple[Tensor, int]:
     """L2 between student old-class logits and teacher logits on mu+2sigma-confident anchors, mean per image, summed."""
     num_old = teacher_cls.shape[-1]
-    mask = confident_mask(teacher_cls)  # [B, A]
+    mask = confident_mask(teacher_cls, min_score=min_score)  # [B, A]
     sq = (student_cls[..., :num_old] - teacher_cls.detach()).pow(2).sum(-1)  # [B, A], summed over old classes
     count = mask.sum(dim=1)  # [B]
     # Masked sums instead of a mean over a possibly empty set: an empty image contributes an exact 0, never NaN.

@@ -39,7 +39,7 @@ def step_loss(
         # Batch-summed terms are put on the release's per-batch-of-2 scale (see DistillConfig.release_batch).
         per_batch = distill.release_batch / s_cls.shape[0] if distill.release_batch else 1.0
         if distill.hccd:
-            losses["hccd"], n = hccd_loss(s_cls, t_cls, weight=distill.hccd_weight * per_batch)
+            losses["hccd"], n = hccd_loss(s_cls, t_cls, weight=distill.hccd_weight * per_batch, min_score=distill.hccd_min_score)
             counts["n_hccd"] = float(n)
         if distill.erd_box:
             losses["erd_box"], n = erd_box_loss(
