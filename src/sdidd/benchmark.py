@@ -104,6 +104,7 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
                                     "train_seconds": round(teacher_res.stats.get("train_seconds", 0.0), 1)}
     if len(groups) > 2:  # teacher of a multi-step protocol only knows group 0; 'old' spans all but the last group
         report["methods"]["teacher"]["note"] = "base step only (group 0)"
+    final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = _method_cfg(cfg, method)
         specs = step_specs(groups, base)
@@ -117,13 +118,38 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
                                 lr=mcfg.train.lr if joint else (mcfg.incremental.lr or mcfg.train.lr))
             teacher = result.model
         assert result is not None
+        final_models[method] = result.model
         report["methods"][method] = _entry(result, num_old, all_classes)
         if dist.is_main():
             _write(report, results_dir, tag)
             print(format_report_table(report))
     if dist.is_main():
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
+        _prediction_grids(final_models, cfg, all_classes, results_dir, tag)
     return report
+
+
+def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: list[str], results_dir: Path, tag: str,
+                      num_images: int = 8) -> None:
+    """`<tag>_predictions_<method>.png`: the same first test images (with GT dashed) for finetune and sdidd."""
+    from .data.transforms import EvalTransform, collate
+    from .engine.data_setup import load_split, relabel
+    from .plots import plot_predictions_grid
+    chosen = {m: models[m] for m in ("finetune", "erd", "sdidd") if m in models}
+    if not chosen:
+        return
+    test = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
+    test.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
+    step = max(len(test) // num_images, 1)  # spread over the split: NEU-DET's test images are sorted by class
+    batch = collate([test[i] for i in range(0, len(test), step)][:num_images])
+    images = [im[:, :h, :w].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+              for im, (h, w) in zip(batch["images"], batch["image_sizes"])]
+    for name, model in chosen.items():
+        device = next(model.parameters()).device
+        model.eval()
+        dets = model.predict(batch["images"].to(device), batch["image_sizes"])
+        dets = [{k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()} for d in dets]
+        plot_predictions_grid(images, dets, classes, results_dir / f"{tag}_predictions_{name}.png", gt=batch["targets"])
 
 
 def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = False, out_dir: Optional[Path] = None) -> None:
@@ -186,5 +212,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None) -> str:
         ratio = m["finetune"]["images_per_second"] / max(m["sdidd"]["images_per_second"], 1e-9)
         out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25)."]
     if tag:
-        out += ["", f"![AP50 per class]({tag}_per_class.png)"]
+        out += ["", f"![AP50 per class]({tag}_per_class.png)", "",
+                f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`; predictions on test images "
+                f"(score ≥ 0.3, ground truth dashed): `{tag}_predictions_<method>.png`."]
     return "\n".join(out) + "\n"
