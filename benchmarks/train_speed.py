@@ -1,8 +1,10 @@
-"""Training speed: our GFL train step vs torchvision's FCOS with the same backbone, FPN, head depth and image size.
+"""Training speed: our GFL train step vs torchvision's FCOS, and the cost of ERD / SD-IDD distillation.
 
 Both detectors share one backbone + FPN implementation (sdidd's timm backbone and FPN, P3-P7), so the
 difference is the head, the target assignment and the loss. A full train step is timed: forward, loss,
 backward and SGD step, on random images with 1-4 random boxes each, after warm-up iterations.
+The incremental rows add what a distillation step adds: a frozen teacher's forward pass (old classes =
+the first half) and the ERD or SD-IDD losses; their ratio to the fine-tune step is the distillation overhead.
 
     python benchmarks/train_speed.py --device cpu --size 160 --batch 8 --iters 10
     python benchmarks/train_speed.py --device cuda --size 800 --batch 16 --iters 30 --backbone tf_efficientnet_lite2 --head-channels 256 --head-convs 4
@@ -12,6 +14,7 @@ Writes docs/results/train_speed_<device>.md (command, machine, date, images/s of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import platform
 import shlex
@@ -25,8 +28,9 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 
-from sdidd.config import LossConfig
+from sdidd.config import LossConfig, config_from_dict, qfl_weight, resolved_distill
 from sdidd.engine.objective import step_loss
+from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.detector import DetectorConfig, build_detector
 
 
@@ -123,8 +127,35 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         fopt.step()
 
+    # Incremental step: old = first half of the classes; the student learns the rest from GT + distillation.
+    num_old = a.num_classes // 2
+    teacher = freeze_teacher(build_detector(dataclasses.replace(cfg, num_classes=num_old)).to(device))
+    full_cfg = config_from_dict({})
+    new_labels = [lab.clamp(min=num_old) - num_old for lab in labels]
+
+    def incremental_step(method: str):
+        student = extend_student(teacher, a.num_classes).to(device).train()
+        sopt = torch.optim.SGD([q for q in student.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
+        distill = None if method == "finetune" else resolved_distill(full_cfg, method)
+        weight = qfl_weight(full_cfg, method)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+                t_out = None
+                if distill is not None:
+                    with torch.no_grad():
+                        t_out = teacher(images)
+                loss, _ = step_loss(student(images), t_out, boxes, new_labels, num_old, loss_cfg, weight, distill)
+            sopt.zero_grad(set_to_none=True)
+            loss.backward()
+            sopt.step()
+        return step
+
     rows = []
-    for name, step in (("sdidd GFL", gfl_step), ("torchvision FCOS", fcos_step)):
+    for name, step in (("sdidd GFL", gfl_step), ("torchvision FCOS", fcos_step),
+                       ("incremental: fine-tune", incremental_step("finetune")),
+                       ("incremental: ERD", incremental_step("erd")),
+                       ("incremental: SD-IDD", incremental_step("sdidd"))):
         sec = _time(step, a.iters, a.warmup, device)
         rows.append((name, a.batch / sec))
         print(f"{name}: {a.batch / sec:.2f} img/s")
@@ -140,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
              f"full train step (forward + loss + backward + SGD), mean of {a.iters} after {a.warmup} warm-up",
              "", "| detector | train images/s |", "|---|---|"]
     lines += [f"| {n} | {v:.2f} |" for n, v in rows]
-    lines += ["", f"Ratio GFL / FCOS: **{rows[0][1] / rows[1][1]:.2f}** (goal ≥ 1.0)."]
+    speed = dict(rows)
+    lines += ["", f"Ratio GFL / FCOS: **{speed['sdidd GFL'] / speed['torchvision FCOS']:.2f}** (goal ≥ 1.0).",
+              f"Distillation overhead, time per image vs fine-tune: ERD **{speed['incremental: fine-tune'] / speed['incremental: ERD']:.2f}**, "
+              f"SD-IDD **{speed['incremental: fine-tune'] / speed['incremental: SD-IDD']:.2f}** (goal ≤ 1.25)."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0

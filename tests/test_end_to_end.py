@@ -29,10 +29,12 @@ def tiny_cfg(tmp_path, **sections):
 @pytest.mark.slow
 def test_tiny_overfit_reaches_high_ap(tmp_path):
     """8 training images, evaluated on themselves: a working detector must nearly memorise them."""
-    cfg = tiny_cfg(tmp_path, data={"test_split": "train"}, train={"epochs": 50, "milestones": [45], "grad_clip": 35.0})
+    cfg = tiny_cfg(tmp_path, data={"test_split": "train"},
+                   train={"epochs": 60, "milestones": [50], "lr": 0.01, "grad_clip": 35.0})
     result = run_train(cfg)
-    # Measured: scratch/patch/crack reach 99-100 AP50; the 3 tiny spots (7-16 px, two inside a crack box) stay hard.
-    assert result.metrics.map50 >= 70.0, result.metrics
+    # Measured (seeds 0-2, 1 and 2 threads): mAP50 83.4-91.6, scratch/patch/crack 100 AP50; the 3 tiny spots
+    # (7-16 px, two inside a crack box) stay hard. lr 0.02 / 50 epochs was seed-fragile (patch 18-100).
+    assert result.metrics.map50 >= 75.0, result.metrics
     assert sum(v["ap50"] >= 90.0 for v in result.metrics.per_class.values()) >= 3, result.metrics.per_class
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
