@@ -101,7 +101,8 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     }
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
     report["methods"]["teacher"] = {"map50_old": round(sum(t_ap.values()) / len(t_ap), 2), "ap50_per_class": t_ap,
-                                    "train_seconds": round(teacher_res.stats.get("train_seconds", 0.0), 1)}
+                                    **{k: v for k, v in _entry(teacher_res, 0, list(t_ap)).items()
+                                       if k in ("train_seconds", "images_per_second", "peak_memory_mb")}}
     if len(groups) > 2:  # teacher of a multi-step protocol only knows group 0; 'old' spans all but the last group
         report["methods"]["teacher"]["note"] = "base step only (group 0)"
     final_models: dict[str, torch.nn.Module] = {}
@@ -206,11 +207,15 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None) -> str:
     for n in names:
         out.append(f"| {n} | " + " | ".join(f"{m[n]['ap50_per_class'][c]:.1f}" for c in old + new) + " |")
     out += ["", "## Time", "", "| method | train s | images/s | peak memory MB |", "|---|---|---|---|"]
+    def cell(v: dict, key: str, fmt: str) -> str:
+        return format(v[key], fmt) if v.get(key) else "–"  # e.g. a step resumed from a checkpoint has no speed
     for n, v in m.items():
-        out.append(f"| {n} | {v.get('train_seconds', 0):.0f} | {v.get('images_per_second', float('nan')):.2f} | {v.get('peak_memory_mb', float('nan')):.0f} |")
-    if "finetune" in m and "sdidd" in m and m["finetune"].get("images_per_second"):
-        ratio = m["finetune"]["images_per_second"] / max(m["sdidd"]["images_per_second"], 1e-9)
-        out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25)."]
+        out.append(f"| {n} | {cell(v, 'train_seconds', '.0f')} | {cell(v, 'images_per_second', '.2f')} | {cell(v, 'peak_memory_mb', '.0f')} |")
+    if "finetune" in m and "sdidd" in m and m["finetune"].get("images_per_second") and m["sdidd"].get("images_per_second"):
+        ratio = m["finetune"]["images_per_second"] / m["sdidd"]["images_per_second"]
+        out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25). "
+                "Whole-run wall clock: data loading, evaluation and other jobs on the machine blur it; "
+                "`benchmarks/train_speed.py` times the train step alone."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)", "",
                 f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`; predictions on test images "

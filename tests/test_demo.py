@@ -1,0 +1,20 @@
+"""`sdidd demo --quick`: the README's first command, shrunk, prints both tables and writes its report."""
+import json
+
+import pytest
+
+from sdidd.cli import main
+
+
+@pytest.mark.slow
+def test_demo_quick_prints_tables_and_writes_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "mAP50 (%) on the test split" in out and "AP50 (%) per class:" in out
+    for name in ("teacher", "finetune", "sdidd", "scratch", "crack"):
+        assert name in out
+    report = json.loads((tmp_path / "demo" / "results" / "demo.json").read_text())
+    assert set(report["methods"]) == {"teacher", "finetune", "sdidd"}
+    assert set(report["methods"]["sdidd"]["ap50_per_class"]) == {"scratch", "spot", "patch", "crack"}
+    assert (tmp_path / "demo" / "results" / "demo.md").is_file()
+    assert (tmp_path / "demo" / "results" / "demo_per_class.png").is_file()
