@@ -19,7 +19,6 @@ import datetime as dt
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from sdidd.config import ModelConfig
 from sdidd.engine.checkpoint import load_checkpoint
 from sdidd.engine.trainer import model_from_checkpoint
 from sdidd.model.detector import GFL, DetectorConfig, build_detector
+from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
 
 _BACKBONES = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1", "lite2": "tf_efficientnet_lite2",
               "resnet50": "resnet50"}
@@ -58,16 +58,7 @@ def _images_per_second(model: GFL, batch: int, size: int, iters: int, warmup: in
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             model.predict(images, sizes)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # predict returns before queued kernels finish
-    return batch * iters / (time.perf_counter() - t)
+    return batch / seconds_per_call(step, iters, warmup, device)
 
 
 def main(argv: list[str] | None = None) -> int:

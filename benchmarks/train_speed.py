@@ -20,7 +20,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from sdidd.config import LossConfig, config_from_dict, qfl_weight, resolved_dist
 from sdidd.engine.objective import step_loss
 from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.detector import DetectorConfig, build_detector
+from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 class _FeatureExtractor(nn.Module):
@@ -58,20 +58,6 @@ def _batch(n: int, size: int, num_classes: int, gen: torch.Generator) -> tuple[T
         boxes.append(torch.cat([xy, xy + wh], 1))
         labels.append(torch.randint(0, num_classes, (k,), generator=gen))
     return images, boxes, labels
-
-
-def _time(step, iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of `step` after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(a.rounds):
         for name, step in steps.items():
-            seconds[name].append(_time(step, a.iters, a.warmup if r == 0 else 1, device))
+            seconds[name].append(seconds_per_call(step, a.iters, a.warmup if r == 0 else 1, device))
             print(f"round {r + 1}/{a.rounds} {name}: {a.batch / seconds[name][-1]:.2f} img/s")
     rows = [(name, a.batch / statistics.median(sec)) for name, sec in seconds.items()]
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"

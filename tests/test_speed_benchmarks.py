@@ -1,0 +1,32 @@
+"""The speed scripts under benchmarks/ still run and write their reports (tiny sizes; no timing asserted)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_train_speed_writes_report(tmp_path):
+    out = tmp_path / "train.md"
+    _run("train_speed.py", "--size", "64", "--batch", "2", "--iters", "1", "--warmup", "1", "--rounds", "1",
+         "--fpn-channels", "32", "--head-channels", "32", "--head-convs", "1", "--out", str(out))
+    text = out.read_text()
+    for row in ("sdidd GFL", "torchvision FCOS", "incremental: fine-tune", "incremental: ERD", "incremental: SD-IDD"):
+        assert f"| {row} |" in text
+    assert "Ratio GFL / FCOS" in text and "Distillation overhead" in text
+
+
+@pytest.mark.slow
+def test_inference_speed_writes_report(tmp_path):
+    out = tmp_path / "infer.md"
+    _run("inference_speed.py", "--size", "64", "--batches", "1,2", "--iters", "1", "--warmup", "1",
+         "--backbones", "lite0", "--out", str(out))
+    text = out.read_text()
+    assert "| 1 |" in text and "| 2 |" in text
