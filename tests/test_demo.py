@@ -1,4 +1,4 @@
-"""`sdidd demo --quick`: the README's first command, shrunk, prints both tables and writes its report."""
+"""`sdidd demo --quick` (the README's first command, shrunk) and `sdidd eval` on the checkpoint it leaves."""
 import json
 
 import pytest
@@ -18,3 +18,11 @@ def test_demo_quick_prints_tables_and_writes_report(tmp_path, capsys):
     assert set(report["methods"]["sdidd"]["ap50_per_class"]) == {"scratch", "spot", "patch", "crack"}
     assert (tmp_path / "demo" / "results" / "demo.md").is_file()
     assert (tmp_path / "demo" / "results" / "demo_per_class.png").is_file()
+
+    # `sdidd eval` on the demo's SD-IDD checkpoint: the table, the JSON and its three figures.
+    ckpt = tmp_path / "demo" / "sdidd" / "step1" / "last.pth"
+    assert main(["eval", str(ckpt), "--device", "cpu"]) == 0
+    assert "AP50" in capsys.readouterr().out
+    for name in ("eval.json", "eval.png", "eval_predictions.png", "eval_losses.png"):
+        assert (ckpt.parent / name).is_file(), name
+    assert set(json.loads((ckpt.parent / "eval.json").read_text())["per_class"]) == {"scratch", "spot", "patch", "crack"}

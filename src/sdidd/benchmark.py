@@ -132,25 +132,17 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
 
 def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: list[str], results_dir: Path, tag: str,
                       num_images: int = 8) -> None:
-    """`<tag>_predictions_<method>.png`: the same first test images (with GT dashed) for finetune and sdidd."""
-    from .data.transforms import EvalTransform, collate
+    """`<tag>_predictions_<method>.png`: the same test images (with GT dashed) for finetune, erd and sdidd."""
+    from .data.transforms import EvalTransform
     from .engine.data_setup import load_split, relabel
-    from .plots import plot_predictions_grid
+    from .plots import plot_model_predictions
     chosen = {m: models[m] for m in ("finetune", "erd", "sdidd") if m in models}
     if not chosen:
         return
     test = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
     test.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
-    step = max(len(test) // num_images, 1)  # spread over the split: NEU-DET's test images are sorted by class
-    batch = collate([test[i] for i in range(0, len(test), step)][:num_images])
-    images = [im[:, :h, :w].permute(1, 2, 0).clamp(0, 255).byte().numpy()
-              for im, (h, w) in zip(batch["images"], batch["image_sizes"])]
     for name, model in chosen.items():
-        device = next(model.parameters()).device
-        model.eval()
-        dets = model.predict(batch["images"].to(device), batch["image_sizes"])
-        dets = [{k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()} for d in dets]
-        plot_predictions_grid(images, dets, classes, results_dir / f"{tag}_predictions_{name}.png", gt=batch["targets"])
+        plot_model_predictions(model, test, classes, results_dir / f"{tag}_predictions_{name}.png", num_images)
 
 
 def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = False, out_dir: Optional[Path] = None) -> None:

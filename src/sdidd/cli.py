@@ -62,12 +62,20 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     print_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
     save_result_json(result, out)
-    from .plots import plot_per_class_ap
+    from .data.transforms import EvalTransform
+    from .plots import plot_model_predictions, plot_per_class_ap, plot_training_curves
     old = [classes[i] for i in groups.get("old", [])]
     new = [classes[i] for i in groups.get("new", groups["all"])]
-    plot_per_class_ap({Path(a.checkpoint).stem: {c: result.per_class[c]["ap50"] for c in classes}}, old, new, out.with_suffix(".png"),
-                      title=f"AP50 per class: {a.checkpoint}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    written = [plot_per_class_ap({Path(a.checkpoint).stem: {c: result.per_class[c]["ap50"] for c in classes}}, old, new,
+                                 out.with_suffix(".png"), title=f"AP50 per class: {a.checkpoint}")]
+    shown = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
+    if len(shown):
+        shown.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
+        written.append(plot_model_predictions(model, shown, classes, out.with_name(out.stem + "_predictions.png")))
+    log = Path(a.checkpoint).with_name("log.csv")  # the run's training log, when the checkpoint sits in its run folder
+    if log.is_file():
+        written.append(plot_training_curves(log, out.with_name(out.stem + "_losses.png")))
+    print(f"wrote {out} and " + ", ".join(str(w) for w in written))
     return 0
 
 

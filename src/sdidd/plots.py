@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 from matplotlib import patches  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-__all__ = ["plot_per_class_ap", "plot_training_curves", "plot_predictions_grid", "draw_detections", "class_color"]
+__all__ = ["plot_per_class_ap", "plot_training_curves", "plot_predictions_grid", "plot_model_predictions", "draw_detections",
+           "class_color"]
 
 # Distinct, colour-blind-friendly-ish colours (tab10 without grey) in 0-255 RGB.
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -243,3 +244,23 @@ def plot_predictions_grid(images: Sequence[np.ndarray], detections: Sequence[Map
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), frameon=False, fontsize=9)
     fig.suptitle(f"predictions (score >= {score_thr:g})", fontsize=11)
     return _save(fig, path)
+
+
+def plot_model_predictions(model: Any, dataset: Any, class_names: Sequence[str], path: str | Path, num_images: int = 8,
+                           score_thr: float = 0.3) -> Path:
+    """Predict `num_images` test images spread over `dataset` (its eval transform set) and save their grid with GT."""
+    import torch
+
+    from .data.transforms import collate
+    if len(dataset) == 0:
+        raise ValueError("plot_model_predictions needs a non-empty dataset")
+    step = max(len(dataset) // num_images, 1)  # spread over the split: NEU-DET's test images are sorted by class
+    batch = collate([dataset[i] for i in range(0, len(dataset), step)][:num_images])
+    images = [im[:, :h, :w].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+              for im, (h, w) in zip(batch["images"], batch["image_sizes"])]
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        dets = model.predict(batch["images"].to(device), batch["image_sizes"])
+    dets = [{k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()} for d in dets]
+    return plot_predictions_grid(images, dets, class_names, path, gt=batch["targets"], score_thr=score_thr)
