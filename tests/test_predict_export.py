@@ -179,6 +179,10 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, capsys: pytest.Capt
     (bad / "cut.jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG
     rc, err = _run(["predict", str(ckpt), str(bad), "--out", out, "--device", "cpu"], capsys)
     assert rc == 2 and len(err) == 1 and "cut.jpg: cannot read image" in err[0]
+    # The truncated file loses nothing else: the good image is still drawn and listed, the bad one named.
+    doc = json.loads((Path(out) / "predictions.json").read_text())
+    assert [im["file_name"] for im in doc["images"]] == ["ok.jpg"] and (Path(out) / "ok.jpg").is_file()
+    assert len(doc["skipped"]) == 1 and doc["skipped"][0]["path"].endswith("cut.jpg")
 
     foreign = tmp_path / "foreign.pth"
     torch.save({"weights": torch.zeros(2)}, foreign)

@@ -249,6 +249,24 @@ def test_resume_refuses_a_checkpoint_of_another_model_in_one_line(finished_run: 
     assert rc == 2 and "cannot resume" in line and "'scratch', 'spot', 'patch', 'crack'" in line
 
 
+@pytest.mark.slow
+def test_resume_refuses_other_training_settings_but_not_runtime_ones(finished_run: tuple[Path, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    cfg, run = _copy_run(finished_run, tmp_path)
+    _fail_if_trained(monkeypatch)
+    capsys.readouterr()
+    rc, _, err = run_cli(["train", str(cfg), f"train.out_dir={run}", "train.resume=true", "train.lr=0.123", "data.flip=0"], capsys)
+    line = one_line_error(err)
+    assert rc == 2 and "cannot resume, it was trained with other settings" in line
+    assert "data.flip 0.5 (now 0.0)" in line and "(now 0.123)" in line and "train.lr" in line
+    rc, _, err = run_cli(["train", str(cfg), f"train.out_dir={run}", "train.resume=true", "train.epochs=1"], capsys)
+    assert rc == 2 and "2 epochs trained (now 1)" in one_line_error(err)
+    # Threads, workers and logging do not change what is trained: the finished run is reused as is.
+    rc, out, err = run_cli(["train", str(cfg), f"train.out_dir={run}", "train.resume=true", "train.threads=1",
+                            "train.workers=0", "train.log_every=3"], capsys)
+    assert rc == 0 and "at epoch 2/2" in out, err
+
+
 # ---------------------------------------------------------------- 2. interrupted checkpoint writes
 
 def _partial_save(exc: BaseException) -> Callable[..., None]:
@@ -422,3 +440,16 @@ def test_diverging_lr_through_the_cli_exits_2_with_the_loss_part(tmp_path: Path,
     line = one_line_error(err)
     assert rc == 2 and "non-finite" in line and "try a lower train.lr" in line
     assert "part: loss_" in line or "weights after epoch" in line
+
+
+def test_settings_changed_compares_what_each_step_trains_on() -> None:
+    from sdidd.engine.checkpoint import settings_changed
+    saved = {"train": {"lr": 0.01, "milestones": [8], "threads": 2}, "incremental": {"lr": 0.003, "milestones": None},
+             "distill": {"idfd_weight": 2.0}}
+    other_base_lr = {"train": {"lr": 0.02, "milestones": [8], "threads": 1}, "incremental": {"lr": 0.003, "milestones": None},
+                     "distill": {"idfd_weight": 2.0}}
+    assert settings_changed(saved, other_base_lr, incremental_step=True) == []  # the step ran on incremental.lr
+    assert settings_changed(saved, other_base_lr, incremental_step=False) == ["train.lr 0.01 (now 0.02)"]
+    other_distill = {**saved, "distill": {"idfd_weight": 1.0}}
+    assert settings_changed(saved, other_distill, incremental_step=False) == []  # a base step has no distillation
+    assert settings_changed(saved, other_distill, incremental_step=True) == ["distill.idfd_weight 2.0 (now 1.0)"]

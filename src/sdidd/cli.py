@@ -131,8 +131,10 @@ def _cmd_check_data(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .predict import run_predict
-    run_predict(a.checkpoint, a.inputs, a.out, score_thr=a.score, batch_size=a.batch_size, device=a.device, size=a.size)
-    return 0
+    skipped: list[dict[str, str]] = []
+    run_predict(a.checkpoint, a.inputs, a.out, score_thr=a.score, batch_size=a.batch_size, device=a.device, size=a.size,
+                skipped=skipped)
+    return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

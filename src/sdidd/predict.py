@@ -8,13 +8,17 @@ is the detector's own (``GFL.postprocess``). Boxes are mapped back to the origin
 
     {"categories": [{"id": 1, "name": ...}, ...],          # category_id = model channel + 1, as in `sdidd eval`
      "images": [{"id": 1, "file_name": ..., "path": ..., "width": W, "height": H}, ...],
-     "detections": [{"image_id": 1, "file_name": ..., "category_id": 1, "bbox": [x, y, w, h], "score": s}, ...]}
+     "detections": [{"image_id": 1, "file_name": ..., "category_id": 1, "bbox": [x, y, w, h], "score": s}, ...],
+     "skipped": [{"path": ..., "error": ...}, ...]}         # inputs that could not be decoded
 
 ``detections`` is a COCO results list (``COCO.loadRes`` accepts it as is); bbox is in original pixels.
+An image that cannot be decoded is skipped with one line on stderr; the others are still detected and
+written, and the command then exits 2 so that scripts notice.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -72,8 +76,12 @@ def _out_names(files: list[Path]) -> list[str]:
 
 
 def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "predictions",
-                score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None) -> list[dict[str, Any]]:
-    """Detect on `inputs`, write drawn images and predictions.json to `out`; return per-image results (original pixels)."""
+                score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None,
+                skipped: Optional[list[dict[str, str]]] = None) -> list[dict[str, Any]]:
+    """Detect on `inputs`, write drawn images and predictions.json to `out`; return per-image results (original pixels).
+
+    Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
+    """
     from .engine.checkpoint import load_checkpoint
     from .engine.trainer import model_from_checkpoint
     from .plots import draw_detections
@@ -100,27 +108,39 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     names = _out_names(files)
     results: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        originals = [read_image(f) for f in chunk]
+    bad: list[dict[str, str]] = [] if skipped is None else skipped
+    readable: list[tuple[int, Path, torch.Tensor]] = []  # (index into files, path, pixels), decoded lazily per batch
+    for i, f in enumerate(files):
+        try:
+            readable.append((i, f, read_image(f)))
+        except SdiddError as e:  # one bad file must not cost the detections of the others
+            print(f"error: {e} (skipped)", file=sys.stderr)
+            bad.append({"path": str(f), "error": str(e)})
+        if len(readable) < batch_size and i + 1 < len(files):
+            continue
+        if not readable:
+            continue
+        idx, chunk, originals = [r[0] for r in readable], [r[1] for r in readable], [r[2] for r in readable]
+        readable = []
         batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
         with torch.no_grad():
             dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
-        for k, (f, im, det, tgt) in enumerate(zip(chunk, originals, dets, batch["targets"])):
+        for k, f, im, det, tgt in zip(idx, chunk, originals, dets, batch["targets"]):
             h, w = tgt["orig_size"]
             sx, sy = tgt["scale_xy"]  # exact per-axis factors of the whole-pixel resize
             boxes = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            r = {"image_id": start + k + 1, "file": str(f), "file_name": names[start + k], "width": w, "height": h,
+            r = {"image_id": k + 1, "file": str(f), "file_name": names[k], "width": w, "height": h,
                  "boxes": boxes.numpy(), "scores": det["scores"].float().cpu().numpy(), "labels": det["labels"].cpu().numpy()}
             drawn = draw_detections(im.permute(1, 2, 0).numpy(), r["boxes"], r["scores"], r["labels"], classes, score_thr)
             _save_image(drawn, out_dir / r["file_name"])
             results.append(r)
     json_path = out_dir / "predictions.json"
-    json_path.write_text(json.dumps(_to_json(results, classes)))
+    json_path.write_text(json.dumps({**_to_json(results, classes), "skipped": bad}))
     n = sum(len(r["scores"]) for r in results)
-    print(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}")
+    note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
+    print(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
     return results
 
 

@@ -129,3 +129,32 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
         diffs.append(f"task step {state['step']} (needs {step})")
     if diffs:
         raise SdiddError(f"{path}: cannot {purpose}, the checkpoint holds {'; '.join(diffs)}{'; ' + hint if hint else ''}")
+
+
+# Settings that may change between a run and its resumption without changing what is trained: where things
+# are, how fast, how verbose. Epochs are checked on their own (more epochs continue a finished run).
+_RUNTIME_KEYS = frozenset({
+    "name", "data.root", "data.check", "data.on_bad_data", "model.pretrained", "train.epochs", "train.workers",
+    "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every", "train.eval_every",
+    "train.out_dir", "train.resume", "train.progress", "incremental.teacher", "incremental.start_step",
+    "incremental.epochs",
+})
+
+
+def _effective_settings(cfg: dict[str, Any], incremental_step: bool) -> dict[str, Any]:
+    """Flatten a config dict to 'section.key' entries that shape the training of one step."""
+    flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
+    train, inc = cfg.get("train", {}), cfg.get("incremental", {})
+    if incremental_step:  # the step runs on incremental.lr/milestones when set, else on train's
+        flat["train.lr"] = inc.get("lr") or train.get("lr")
+        flat["train.milestones"] = inc["milestones"] if inc.get("milestones") is not None else train.get("milestones")
+        flat.pop("incremental.lr", None), flat.pop("incremental.milestones", None)
+    else:  # a step without a teacher ignores the distillation and the incremental schedule
+        flat = {k: v for k, v in flat.items() if not k.startswith(("distill.", "incremental."))}
+    return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
+
+
+def settings_changed(saved: dict[str, Any], current: dict[str, Any], incremental_step: bool) -> list[str]:
+    """'key old (now new)' for each training setting that differs between a checkpoint's config and this run's."""
+    old, new = _effective_settings(saved, incremental_step), _effective_settings(current, incremental_step)
+    return [f"{k} {old[k]!r} (now {new[k]!r})" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]

@@ -21,7 +21,7 @@ from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_detections, format_table, result_to_dict
 from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
-from .checkpoint import check_fits, load_checkpoint, save_checkpoint
+from .checkpoint import check_fits, load_checkpoint, save_checkpoint, settings_changed
 from .data_setup import load_split, relabel, test_loader, train_loader
 from .incremental import extend_student, freeze_teacher
 from .objective import step_loss
@@ -211,6 +211,14 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
         check_fits(state, last, "resume", spec.classes, cfg.model.backbone, spec.step,
                    hint="use another train.out_dir or train.resume=false")
         _load_weights(model, state["model"], f"the model of this config ({cfg.model.backbone}); use another train.out_dir or train.resume=false")
+        # Resuming under other settings would silently mix two experiments (or reuse a finished one as this one's result).
+        changed = settings_changed(state.get("config", {}), cfg.to_dict(), teacher is not None)
+        if int(state.get("epoch", 0)) > epochs:
+            changed.insert(0, f"{state['epoch']} epochs trained (now {epochs})")
+        if changed:
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise SdiddError(f"{last}: cannot resume, it was trained with other settings: {'; '.join(changed[:4])}{more}; "
+                             f"use another train.out_dir (benchmark: --out), restore the settings, or delete the folder to start over")
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
