@@ -232,3 +232,48 @@ def test_sharding_and_gathered_evaluation(tmp_path: Path) -> None:
     assert r0["left"] == r1["left"] == 0  # each rank's loader went through exactly its shard
     assert r0["map50"] == r1["map50"] == pytest.approx(100.0)  # every rank scores the gathered detections
     assert r0["own_map50"] < 99.0  # one shard alone would not: the gather matters
+
+
+# Run by each rank of test_nan_on_one_rank_stops_every_rank: rank 1's loss turns NaN at its 3rd step.
+NAN_PROBE = textwrap.dedent('''
+    import json, sys
+    import torch
+    import sdidd.engine.trainer as trainer
+    from sdidd.config import config_from_dict
+    from sdidd.engine import distributed as dist
+    from sdidd.errors import SdiddError
+
+    cfg_dict, out = json.loads(sys.argv[1]), sys.argv[2]
+    assert dist.init_from_env("cpu") and dist.world_size() == 2
+    real_loss, calls = trainer.step_loss, [0]
+
+    def nan_on_rank1(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls[0] += 1
+        if dist.rank() == 1 and calls[0] == 3:
+            loss, parts = loss * float("nan"), {**parts, "loss_qfl": torch.tensor(float("nan"))}
+        return loss, parts
+
+    trainer.step_loss = nan_on_rank1
+    cfg = config_from_dict(cfg_dict)
+    classes = ["scratch", "spot", "patch", "crack"]
+    try:
+        trainer.train_step(cfg, trainer.StepSpec(classes, classes, "joint", 0), f"{out}/run")
+        msg = "finished"
+    except SdiddError as e:
+        msg = str(e)
+    with open(f"{out}/rank{dist.rank()}.txt", "w") as f:
+        f.write(msg)
+''')
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """A NaN loss on rank 1 only stops both ranks at the same step with one-line errors (no all-reduce hang)."""
+    script, out = tmp_path / "nan_probe.py", tmp_path / "out"
+    script.write_text(NAN_PROBE)
+    out.mkdir()
+    torchrun([str(script), json.dumps(CFG), str(out)], tmp_path, tmp_path / "writes")  # a hang fails by timeout
+    r0, r1 = ((out / f"rank{r}.txt").read_text() for r in range(WORLD))
+    assert "non-finite loss at epoch 1, iteration 3 (part: loss_qfl)" in r1, r1
+    assert "non-finite loss at epoch 1, iteration 3 (on another rank)" in r0, r0

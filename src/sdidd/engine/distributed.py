@@ -173,6 +173,16 @@ def reduce_log(parts: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if k.startswith("n_") else float(v) / w) for k, v in zip(keys, vals.tolist())}
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """True if `flag` (a bool scalar) is true on any rank; every rank must call it (single process: the flag)."""
+    if not is_dist():
+        return bool(flag)
+    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    t = flag.detach().to(dev, torch.int32).reshape(1)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP-wrap the student under torchrun (identity otherwise); the caller keeps the unwrapped module for eval and saving."""
     if not is_dist():

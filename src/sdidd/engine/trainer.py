@@ -294,10 +294,13 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, teacher: Option
                     with torch.no_grad():
                         t_out = teacher(images)
                 loss, parts = step_loss(out, t_out, gt_boxes, gt_labels, spec.num_old, cfg.loss, qfl_w, distill)
-            if not torch.isfinite(loss):
+            # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
+            finite = torch.isfinite(loss.detach())
+            if dist.any_rank(~finite):
                 bad = [k for k, v in parts.items() if k.startswith("loss_") and not math.isfinite(float(v))]
+                where = f"part: {', '.join(bad) or 'total'}" if not finite else "on another rank"
                 save_path = out_dir / "last.pth"
-                raise SdiddError(f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1} (part: {', '.join(bad) or 'total'}); "
+                raise SdiddError(f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1} ({where}); "
                                  f"the last good checkpoint is {save_path if save_path.exists() else 'not written yet'}; try a lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
