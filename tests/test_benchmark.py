@@ -47,8 +47,10 @@ def test_benchmark_writes_the_contract_and_reuses_finished_stages(tmp_path):
         assert v["map50_all"] == pytest.approx(sum(v["ap50_per_class"].values()) / 4, abs=0.01)
     md = (res / "t.md").read_text()
     assert "| finetune |" in md and "| sdidd |" in md and "Command: `test`" in md
-    for png in ("t_per_class.png", "t_sdidd_losses.png", "t_predictions_finetune.png", "t_predictions_sdidd.png"):
+    for png in ("t_per_class.png", "t_sdidd_losses.png"):
         assert (res / png).stat().st_size > 1000, png
+    for png in ("predictions_finetune.png", "predictions_sdidd.png"):  # dataset images: the run folder, not results
+        assert (out / png).stat().st_size > 1000 and not (res / f"t_{png}").exists(), png
     # A second call reuses every finished stage: same numbers, no training.
     t0 = time.perf_counter()
     again = run_benchmark(cfg, ["finetune", "sdidd"], out, res, "tiny", command="test", tag="t")

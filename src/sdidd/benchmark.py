@@ -126,13 +126,16 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
             print(format_report_table(report))
     if dist.is_main():
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
-        _prediction_grids(final_models, cfg, all_classes, results_dir, tag)
+        _prediction_grids(final_models, cfg, all_classes, out_dir)
     return report
 
 
-def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: list[str], results_dir: Path, tag: str,
+def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: list[str], out_dir: Path,
                       num_images: int = 8) -> None:
-    """`<tag>_predictions_<method>.png`: the same test images (with GT dashed) for finetune, erd and sdidd."""
+    """`<out_dir>/predictions_<method>.png`: the same test images (with GT dashed) for finetune, erd and sdidd.
+
+    They go to the run folder, not to the results folder: they show dataset images, which stay out of the repository.
+    """
     from .data.transforms import EvalTransform
     from .engine.data_setup import load_split, relabel
     from .plots import plot_model_predictions
@@ -142,13 +145,13 @@ def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: 
     test = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
     test.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
     for name, model in chosen.items():
-        plot_model_predictions(model, test, classes, results_dir / f"{tag}_predictions_{name}.png", num_images)
+        plot_model_predictions(model, test, classes, out_dir / f"predictions_{name}.png", num_images)
 
 
 def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = False, out_dir: Optional[Path] = None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{tag}.json").write_text(json.dumps(report, indent=2))
-    (results_dir / f"{tag}.md").write_text(markdown_report(report, tag if plots else None))
+    (results_dir / f"{tag}.md").write_text(markdown_report(report, tag if plots else None, out_dir))
     if plots:
         from .plots import plot_per_class_ap, plot_training_curves
         methods = {m: v["ap50_per_class"] for m, v in report["methods"].items()}
@@ -169,7 +172,7 @@ def format_report_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(report: dict[str, Any], tag: Optional[str] = None) -> str:
+def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: Optional[Path] = None) -> str:
     """Markdown: main table, ablations, per-class AP50, forgetting, time, command/machine/date."""
     m = report["methods"]
     old, new = report["classes_old"], report["classes_new"]
@@ -210,6 +213,8 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None) -> str:
                 "`benchmarks/train_speed.py` times the train step alone."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)", "",
-                f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`; predictions on test images "
-                f"(score ≥ 0.3, ground truth dashed): `{tag}_predictions_<method>.png`."]
+                f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
+        if out_dir is not None:
+            out += ["", f"Predictions on test images (score ≥ 0.3, ground truth dashed) are written to the run folder, "
+                        f"`{out_dir}/predictions_<method>.png`, and not committed: they show dataset images."]
     return "\n".join(out) + "\n"
