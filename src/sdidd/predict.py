@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -109,19 +109,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     names = _out_names(files)
     results: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = [] if skipped is None else skipped
-    readable: list[tuple[int, Path, torch.Tensor]] = []  # (index into files, path, pixels), decoded lazily per batch
-    for i, f in enumerate(files):
-        try:
-            readable.append((i, f, read_image(f)))
-        except SdiddError as e:  # one bad file must not cost the detections of the others
-            print(f"error: {e} (skipped)", file=sys.stderr)
-            bad.append({"path": str(f), "error": str(e)})
-        if len(readable) < batch_size and i + 1 < len(files):
-            continue
-        if not readable:
-            continue
-        idx, chunk, originals = [r[0] for r in readable], [r[1] for r in readable], [r[2] for r in readable]
-        readable = []
+    for idx, chunk, originals in _readable_batches(files, batch_size, bad):
         batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
         with torch.no_grad():
             dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
@@ -142,6 +130,21 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
     print(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
     return results
+
+
+def _readable_batches(files: list[Path], batch_size: int, bad: list[dict[str, str]]) -> Iterator[tuple[list[int], list[Path], list[torch.Tensor]]]:
+    """Batches of (index into files, path, pixels) of the files that decode; the others are reported and added to `bad`."""
+    batch: list[tuple[int, Path, torch.Tensor]] = []
+    for i, f in enumerate(files):
+        try:
+            batch.append((i, f, read_image(f)))
+        except SdiddError as e:  # one bad file must not cost the detections of the others
+            print(f"error: {e} (skipped)", file=sys.stderr)
+            bad.append({"path": str(f), "error": str(e)})
+        if batch and (len(batch) == batch_size or i + 1 == len(files)):
+            idx, paths, pixels = zip(*batch)
+            yield list(idx), list(paths), list(pixels)
+            batch = []
 
 
 def _save_image(pixels: np.ndarray, path: Path) -> None:
