@@ -25,7 +25,7 @@ import torch
 
 from sdidd.config import ModelConfig
 from sdidd.engine.checkpoint import load_checkpoint
-from sdidd.engine.trainer import model_from_checkpoint
+from sdidd.engine.checkpoint import model_from_checkpoint
 from sdidd.model.detector import GFL, DetectorConfig, build_detector
 from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
 

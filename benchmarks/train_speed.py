@@ -4,7 +4,8 @@ Both detectors share one backbone + FPN implementation (sdidd's timm backbone an
 difference is the head, the target assignment and the loss. A full train step is timed: forward, loss,
 backward and SGD step, on random images with 1-4 random boxes each, after warm-up iterations.
 The incremental rows add what a distillation step adds: a frozen teacher's forward pass (old classes =
-the first half) and the ERD or SD-IDD losses; their ratio to the fine-tune step is the distillation overhead.
+the first half) and the ERD or SD-IDD losses; their ratio to the fine-tune step (which runs no teacher)
+is the distillation overhead, and the teacher's forward is timed alone to split it into forward and terms.
 
     python benchmarks/train_speed.py --device cpu --size 160 --batch 8 --iters 10 --rounds 7
     python benchmarks/train_speed.py --device cuda --size 800 --batch 16 --iters 30 --backbone tf_efficientnet_lite2 --head-channels 256 --head-convs 4
@@ -85,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     images = images.to(device)
     boxes = [b.to(device) for b in boxes]
     labels = [lab.to(device) for lab in labels]
+    # The loader's padded form: [B, G, 4] boxes, [B, G] labels (-1 = padding), [B, 2] image sizes.
+    g = max(len(b) for b in boxes)
+    pad_boxes = torch.zeros(a.batch, g, 4, device=device)
+    pad_labels = torch.full((a.batch, g), -1, dtype=torch.long, device=device)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        pad_boxes[i, : len(b)], pad_labels[i, : len(lab)] = b, lab
+    sizes = torch.tensor([[a.size, a.size]] * a.batch, device=device)
+    all_channels = torch.ones(a.num_classes, dtype=torch.bool, device=device)
     cfg = DetectorConfig(num_classes=a.num_classes, backbone=a.backbone, pretrained=False, fpn_channels=a.fpn_channels,
                          head_channels=a.head_channels, head_convs=a.head_convs)
 
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     def gfl_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
             out = gfl(images)
-            loss, _ = step_loss(out, None, boxes, labels, 0, loss_cfg, 1.0, None)
+            loss, _ = step_loss(out, None, pad_boxes, pad_labels, sizes, all_channels, loss_cfg, 1.0, None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     num_old = a.num_classes // 2
     teacher = freeze_teacher(build_detector(dataclasses.replace(cfg, num_classes=num_old)).to(device))
     full_cfg = config_from_dict({})
-    new_labels = [lab.clamp(min=num_old) - num_old for lab in labels]
+    # New-class channels num_old.. get the GT boxes (labels folded onto them), old channels only distillation.
+    new_labels = torch.where(pad_labels >= 0, num_old + pad_labels % (a.num_classes - num_old), pad_labels)
+    trained = torch.arange(a.num_classes, device=device) >= num_old
+
+    def teacher_forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+            teacher(images)
 
     def incremental_step(method: str):
         student = extend_student(teacher, a.num_classes).to(device).train()
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 if distill is not None:
                     with torch.no_grad():
                         t_out = teacher(images)
-                loss, _ = step_loss(student(images), t_out, boxes, new_labels, num_old, loss_cfg, weight, distill)
+                loss, _ = step_loss(student(images), t_out, pad_boxes, new_labels, sizes, trained, loss_cfg, weight, distill)
             sopt.zero_grad(set_to_none=True)
             loss.backward()
             sopt.step()
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = {"sdidd GFL": gfl_step, "torchvision FCOS": fcos_step,
              "incremental: fine-tune": incremental_step("finetune"),
-             "incremental: ERD": incremental_step("erd"), "incremental: SD-IDD": incremental_step("sdidd")}
+             "incremental: ERD": incremental_step("erd"), "incremental: SD-IDD": incremental_step("sdidd"),
+             "teacher forward alone": teacher_forward}
     # Rounds interleave the steps, so a slow spell of a shared machine hits all of them; the median is reported.
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(a.rounds):
@@ -166,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Ratio GFL / FCOS: **{speed['sdidd GFL'] / speed['torchvision FCOS']:.2f}** (goal ≥ 1.0).",
               f"Distillation overhead, time per image vs fine-tune: ERD **{speed['incremental: fine-tune'] / speed['incremental: ERD']:.2f}**, "
               f"SD-IDD **{speed['incremental: fine-tune'] / speed['incremental: SD-IDD']:.2f}** (goal ≤ 1.25)."]
+    t_ft, t_sd = 1 / speed["incremental: fine-tune"], 1 / speed["incremental: SD-IDD"]
+    t_teacher = 1 / speed["teacher forward alone"]
+    terms = t_sd - t_ft - t_teacher
+    lines += [f"SD-IDD step split (seconds per image): fine-tune step {t_ft * 1e3:.1f} ms + teacher forward {t_teacher * 1e3:.1f} ms "
+              f"+ distillation terms {terms * 1e3:.1f} ms; the terms cost **{100 * terms / t_ft:.1f} %** of a fine-tune step "
+              f"(goal ≤ 5 %), the teacher's forward {100 * t_teacher / t_ft:.1f} %."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0

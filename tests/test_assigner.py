@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdidd.model.anchors import make_anchor_grid
-from sdidd.model.assigner import anchor_boxes, atss_assign, finegrained_mask, vlr_region
+from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, pad_targets, vlr_region
 
 STRIDES = [8, 16, 32, 64, 128]
 
@@ -198,3 +198,60 @@ def test_vlr_boundaries_are_half_open():
     # Lower bound included: DIoU == low * thr is in the VLR, and its value is the IoU (0.5), not the DIoU.
     assert torch.allclose(vlr_region(anchors[1:], gt, torch.tensor([0.9]), low=0.5), torch.tensor([0.5]))
     assert vlr_region(anchors[1:], gt, torch.tensor([0.9001]), low=0.5).tolist() == [0.0]
+
+
+# ---- batched assignment (one ATSS per step, reused by every selection) ----
+
+def _padded_batch(seed: int = 21):
+    """Three images with 3, 0 and 5 GTs; a padded row is also put in the middle of image 0."""
+    gen = torch.Generator().manual_seed(seed)
+    per_image = [_random_gts(gen, 3), torch.zeros((0, 4)), _random_gts(gen, 5)]
+    boxes, labels = pad_targets(per_image, [torch.arange(len(b)) for b in per_image])
+    # Move image 0's GTs to rows 0, 2, 3 and pad row 1 with a garbage box that would match anchors.
+    boxes = torch.cat([boxes[:, :1], torch.zeros(3, 1, 4), boxes[:, 1:]], dim=1)
+    labels = torch.cat([labels[:, :1], torch.full((3, 1), -1), labels[:, 1:]], dim=1)
+    boxes[0, 1] = torch.tensor([10.0, 10.0, 60.0, 50.0])
+    return per_image, boxes, labels
+
+
+def test_batched_assignment_equals_per_image_atss():
+    grid = make_anchor_grid([(math.ceil(64 / s), math.ceil(96 / s)) for s in STRIDES], STRIDES, torch.device("cpu"))
+    per_image, boxes, labels = _padded_batch()
+    asg = assign_targets(grid, boxes, labels)
+    assert asg.iou.shape == (3, grid.points.shape[0], boxes.shape[1])
+    for b, gts in enumerate(per_image):
+        rows = asg.gt_valid[b].nonzero().squeeze(1)  # batch row of each of the image's GTs
+        assert len(rows) == len(gts)
+        ref = atss_assign(grid.boxes, grid.num_per_level, gts)
+        # Same positives, mapped to the same GTs (through the row numbers of the padded layout).
+        expected = torch.where(ref.assigned >= 0, rows[ref.assigned.clamp(min=0)] if len(rows) else ref.assigned, -1)
+        assert torch.equal(asg.assigned[b], expected)
+        assert torch.equal(asg.iou[b][:, rows], ref.iou)
+        # The reductions may group the sums differently for another batch layout: last-bit differences only.
+        assert torch.allclose(asg.threshold[b, rows], ref.threshold, rtol=1e-6, atol=0)
+        # Padded rows: zero IoU/threshold, never assigned, never in the VLR or fine-grained selections.
+        pad = ~asg.gt_valid[b]
+        assert not torch.isin(asg.assigned[b], pad.nonzero().squeeze(1)).any()
+        assert (asg.iou[b][:, pad] == 0).all() and (asg.threshold[b, pad] == 0).all()
+        assert torch.equal(asg.vlr_region()[b], vlr_region(grid.boxes, gts, asg.threshold[b, rows]))
+        assert torch.equal(asg.finegrained_mask()[b], finegrained_mask(grid.boxes, gts))
+        if len(gts):
+            assert torch.equal(asg.assigned_boxes[b][ref.assigned >= 0], gts[ref.assigned[ref.assigned >= 0]])
+    assert asg.pos_mask[0].any() and not asg.pos_mask[1].any() and asg.pos_mask[2].any()
+    assert int(asg.num_pos) == int(asg.pos_mask.sum())
+    assert (asg.assigned_labels[~asg.pos_mask] == -1).all()
+    # The fixed slots hold every positive exactly once.
+    idx, slot_pos = asg.positive_slots()
+    assert idx.shape[1] <= asg.gt_boxes.shape[1] * asg.num_candidates
+    for b in range(3):
+        assert sorted(idx[b][slot_pos[b]].tolist()) == asg.pos_mask[b].nonzero().squeeze(1).tolist()
+
+
+def test_batched_assignment_all_padding_and_no_gt():
+    grid = make_anchor_grid([(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)], STRIDES, torch.device("cpu"))
+    for g in (0, 2):
+        asg = assign_targets(grid, torch.full((2, g, 4), float("nan")), torch.full((2, g), -1))
+        assert not asg.pos_mask.any() and asg.iou.shape == (2, grid.points.shape[0], g)
+        assert torch.isfinite(asg.iou).all() and torch.isfinite(asg.gt_boxes).all()  # padding never leaks NaN
+        assert not asg.vlr_region().any() and not asg.finegrained_mask().any()
+        assert asg.assigned_boxes.shape == (2, grid.points.shape[0], 4)

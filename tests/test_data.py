@@ -18,7 +18,6 @@ from sdidd.data import (
     build_dataset,
     collate,
     resolve_data_root,
-    subset_classes,
 )
 from sdidd.data.coco_json import load_coco_json
 from sdidd.data.deeppcb import load_deeppcb
@@ -120,13 +119,12 @@ def test_synthetic_boxes_hold_the_defect(syn_train: DetectionDataset) -> None:
     assert torch.stack(inside).mean() > 1.3 * torch.stack(outside).mean()
 
 
-def test_synthetic_prefix_size_and_cache(tmp_path: Path) -> None:
-    small = load_synthetic("test", num_images=3, image_size=96, seed=5, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.npz"))) == 1
-    cached = load_synthetic("test", num_images=3, image_size=96, seed=5, cache_dir=tmp_path)
+def test_synthetic_is_deterministic_and_a_prefix() -> None:
+    small = load_synthetic("test", num_images=3, image_size=96, seed=5)
+    large = load_synthetic("test", num_images=5, image_size=96, seed=5)
     for i in range(3):
-        assert torch.equal(small[i][0], cached[i][0])
-        np.testing.assert_array_equal(small.records[i].boxes, cached.records[i].boxes)
+        assert torch.equal(small[i][0], large[i][0])
+        np.testing.assert_array_equal(small.records[i].boxes, large.records[i].boxes)
     assert small[0][0].shape == (3, 96, 96)
 
 
@@ -184,7 +182,7 @@ def test_train_transform_multiscale_and_tiny_boxes_dropped() -> None:
 def test_collate_pads_to_multiple_of_32() -> None:
     a = torch.full((3, 100, 130), 7, dtype=torch.uint8)
     b = torch.full((3, 90, 70), 9, dtype=torch.uint8)
-    ta = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 3, "scale": 0.5}
+    ta = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 3, "scale_xy": (0.5, 0.25)}
     tb = {"boxes": torch.ones(1, 4), "labels": torch.ones(1, dtype=torch.int64), "image_id": 4}
     batch = collate([(a, ta), (b, tb)])
     im = batch["images"]
@@ -192,14 +190,18 @@ def test_collate_pads_to_multiple_of_32() -> None:
     assert (im[0, :, :100, :130] == 7).all() and im[0, :, 100:].sum() == 0 and im[0, :, :, 130:].sum() == 0
     assert (im[1, :, :90, :70] == 9).all() and im[1, :, 90:].sum() == 0 and im[1, :, :, 70:].sum() == 0
     assert batch["image_sizes"] == [(100, 130), (90, 70)]
-    assert batch["scales"] == [0.5, 1.0] and batch["image_ids"] == [3, 4]
+    assert batch["scales"] == [(0.5, 0.25), (1.0, 1.0)] and batch["image_ids"] == [3, 4]
     assert batch["targets"][1] is tb
+    # GT padded to the batch's largest count: -1 labels mark padding, sizes mark each image's unpadded region.
+    assert batch["boxes"].shape == (2, 1, 4) and batch["labels"].tolist() == [[-1], [1]]
+    assert torch.equal(batch["boxes"][1], torch.ones(1, 4)) and batch["sizes"].tolist() == [[100, 130], [90, 70]]
     exact = collate([(torch.zeros(3, 64, 96, dtype=torch.uint8), ta)])
     assert exact["images"].shape == (1, 3, 64, 96)
 
 
-def test_dataset_with_transform_end_to_end(syn_train: DetectionDataset) -> None:
-    ds = syn_train.with_transform(EvalTransform(320, 640))
+def test_dataset_transform_end_to_end(syn_train: DetectionDataset) -> None:
+    ds = syn_train.with_records(syn_train.records)
+    ds.transform = EvalTransform(320, 640)
     img, t = ds[0]
     assert img.shape == (3, 320, 320)
     torch.testing.assert_close(t["boxes"], torch.from_numpy(syn_train.records[0].boxes) * 2)
@@ -209,23 +211,30 @@ def test_dataset_with_transform_end_to_end(syn_train: DetectionDataset) -> None:
 # ----------------------------------------------------------------------------- subset
 
 
-def test_subset_classes_keeps_global_labels(syn_train: DetectionDataset) -> None:
-    sub = subset_classes(syn_train, ["patch", "crack"])
-    assert sub.classes == syn_train.classes and type(sub) is type(syn_train)
+def test_channel_view_labels_boxes_with_their_model_channel(syn_train: DetectionDataset) -> None:
+    """One label space: a step with channels (scratch, spot, patch, crack) training patch and crack keeps only
+    those boxes, labelled 2 and 3 (their channel), and the pixels follow the record."""
+    from sdidd.engine.run_data import channel_view
+    sub = channel_view(syn_train, ["scratch", "spot", "patch", "crack"], keep=["patch", "crack"])
+    assert sub.classes == ["scratch", "spot", "patch", "crack"] and type(sub) is type(syn_train)
     originals = {r.image_id: r for r in syn_train.records}
     expected = [r.image_id for r in syn_train.records if np.isin(r.labels, [2, 3]).any()]
     assert [r.image_id for r in sub.records] == expected and 0 < len(sub) < len(syn_train)
-    for i, r in enumerate(sub.records):
+    for r in sub.records:
         o = originals[r.image_id]
         keep = np.isin(o.labels, [2, 3])
         np.testing.assert_array_equal(r.labels, o.labels[keep])
         np.testing.assert_array_equal(r.boxes, o.boxes[keep])
-    # pixels follow the record, not the position in the list
     j = next(i for i, r in enumerate(sub.records) if r.image_id != i + 1)
     assert torch.equal(sub[j][0], syn_train[sub.records[j].image_id - 1][0])
-    assert set(torch.cat([sub[i][1]["labels"] for i in range(len(sub))]).tolist()) == {2, 3}
-    with pytest.raises(SdiddError, match="valid names: scratch, spot, patch, crack"):
-        subset_classes(syn_train, ["crack", "dent"])
+    # Another channel order relabels: crack first, then spot.
+    swapped = channel_view(syn_train, ["crack", "spot"], keep_empty=True)
+    assert len(swapped) == len(syn_train)
+    for r, o in zip(swapped.records, syn_train.records):
+        m = np.isin(o.labels, [3, 1])
+        np.testing.assert_array_equal(r.labels, np.where(o.labels[m] == 3, 0, 1))
+    with pytest.raises(SdiddError, match="'dent' is not in the dataset"):
+        channel_view(syn_train, ["crack", "dent"])
 
 
 def test_summary_and_record_types() -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdidd.data import DetectionDataset, build_dataset, subset_classes
+from sdidd.data import DetectionDataset, build_dataset
+from sdidd.engine.run_data import channel_view
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SDIDD_DATA") or REPO_ROOT.parent / "shared" / "data")
@@ -70,7 +71,7 @@ def test_neu_det_image(neu: dict[str, DetectionDataset]) -> None:
 
 def test_neu_det_new_class_subset(neu: dict[str, DetectionDataset]) -> None:
     train = neu["train"]
-    new = subset_classes(train, ["pitted_surface", "rolled-in_scale", "scratches"])
+    new = channel_view(train, list(train.classes), keep=["pitted_surface", "rolled-in_scale", "scratches"])
     labels = np.concatenate([r.labels for r in new.records])
     assert set(labels.tolist()) == {3, 4, 5}
     expected_boxes = sum(int(np.isin(r.labels, [3, 4, 5]).sum()) for r in train.records)

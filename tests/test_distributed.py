@@ -179,18 +179,19 @@ PROBE = textwrap.dedent('''
     import torch
     from sdidd.config import config_from_dict
     from sdidd.engine import distributed as dist
-    from sdidd.engine.data_setup import EpochShuffleSampler, load_split, relabel
-    from sdidd.engine.trainer import evaluate_model
-    from sdidd.evaluate import evaluate_detections
+    from torch.utils.data import DistributedSampler
+    from sdidd.engine.run_data import channel_view, load_run_data, test_loader, train_loader
+    from sdidd.evaluate import evaluate_detections, evaluate_model
 
     cfg_dict, out = json.loads(sys.argv[1]), sys.argv[2]
     assert dist.init_from_env("cpu") and dist.world_size() == 2
     cfg = config_from_dict(cfg_dict)
-    train = load_split(cfg.data, "train")
-    sampler = dist.train_sampler(train, seed=3)
+    data = load_run_data(cfg.data)
+    train = data.train
+    sampler = train_loader(train, cfg.data, 2, 0, seed=3).sampler
     sampler.set_epoch(1)
-    test = relabel(load_split(cfg.data, "test"), load_split(cfg.data, "test").classes, keep_empty=True)
-    order = list(dist.eval_sampler(test))
+    test = channel_view(data.test, data.classes, keep_empty=True)
+    order = list(test_loader(test, cfg.data, 2, 0).sampler)
 
     class Oracle(torch.nn.Module):
         """Returns the ground truth of the images in the order this rank's eval loader yields them."""
@@ -203,11 +204,11 @@ PROBE = textwrap.dedent('''
                      "labels": torch.as_tensor(r.labels, dtype=torch.int64)} for r in recs]
 
     model = Oracle()
-    full = evaluate_model(model, test, cfg, torch.device("cpu"), batch_size=2)
+    full = evaluate_model(model, test, cfg.data, torch.device("cpu"), batch_size=2, workers=0)
     local = {int(test.records[i].image_id): {"boxes": r.boxes, "scores": [1.0] * len(r.labels), "labels": r.labels}
              for i, r in ((i, test.records[i]) for i in order)}
     own = evaluate_detections(test.records, test.classes, local)
-    base = EpochShuffleSampler(len(train), 3)
+    base = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=3)  # what one process draws
     base.set_epoch(1)
     with open(f"{out}/rank{dist.rank()}.json", "w") as f:
         json.dump({"train": list(sampler), "perm": list(base), "eval": order, "left": len(model.queue),

@@ -3,13 +3,25 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.anchors import make_anchor_grid
 from sdidd.model.detector import GFL, DetectorConfig
-from sdidd.model.gfl_loss import aligned_iou, assign_targets, distribution_focal_loss, gfl_loss, quality_focal_loss
+from sdidd.model.assigner import atss_assign
+from sdidd.model.gfl_loss import (
+    aligned_iou,
+    assign_targets,
+    distribution_focal_loss,
+    gfl_loss,
+    giou_loss,
+    pad_targets,
+    quality_focal_loss,
+)
 from sdidd.model.head import bbox2distance, distance2bbox, integral
 from torchvision.ops import generalized_box_iou_loss
+
+STRIDES = [8, 16, 32, 64, 128]
 
 
 def tiny_detector(num_classes: int = 3) -> GFL:
@@ -89,19 +101,20 @@ def _positive_iou(model, images, boxes, labels) -> float:
         b, a = t.pos_mask.nonzero(as_tuple=True)
         s = out.grid.strides[a, None]
         pred = distance2bbox(out.grid.points[a], integral(out.reg[b, a]) * s)
-        return aligned_iou(pred, t.boxes).mean().item()
+        return aligned_iou(pred, t.assigned_boxes[b, a]).mean().item()
 
 
 def test_gfl_loss_trains_boxes():
     model = tiny_detector(2)
     images = torch.randint(0, 255, (2, 3, 96, 96), dtype=torch.uint8)
     boxes = [torch.tensor([[10.0, 10.0, 50.0, 40.0]]), torch.tensor([[30.0, 20.0, 90.0, 80.0], [5.0, 60.0, 25.0, 90.0]])]
-    labels = [torch.tensor([0]), torch.tensor([1, 0])]
+    boxes, labels = pad_targets(boxes, [torch.tensor([0]), torch.tensor([1, 0])])
+    trained = torch.ones(2, dtype=torch.bool)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     iou_before = _positive_iou(model, images, boxes, labels)
     for _ in range(12):
         out = model(images)
-        parts = gfl_loss(out.cls, out.reg, out.grid, assign_targets(out.grid, boxes, labels))
+        parts = gfl_loss(out.cls, out.reg, out.grid, assign_targets(out.grid, boxes, labels), trained)
         loss = parts["qfl"] + parts["giou"] + parts["dfl"]
         assert torch.isfinite(loss) and parts["num_pos"] > 0
         opt.zero_grad()
@@ -115,10 +128,15 @@ def test_gfl_loss_trains_boxes():
 def test_gfl_loss_without_boxes_is_finite():
     model = tiny_detector(2)
     out = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    parts = gfl_loss(out.cls, out.reg, out.grid, assign_targets(out.grid, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)]))
+    asg = assign_targets(out.grid, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.long))
+    parts = gfl_loss(out.cls, out.reg, out.grid, asg, torch.ones(2, dtype=torch.bool))
     total = parts["qfl"] + parts["giou"] + parts["dfl"]
     total.backward()
-    assert torch.isfinite(total) and parts["giou"].item() == 0.0
+    assert torch.isfinite(total) and parts["giou"].item() == 0.0 and parts["dfl"].item() == 0.0
+    assert parts["num_pos"].item() == 0 and parts["qfl"].item() > 0
+    # The regression branch stays in the graph (DDP needs a gradient for every parameter), with zeros.
+    grad = model.head.gfl_reg.weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("init", ["prior", "default"])
@@ -140,3 +158,134 @@ def test_head_extension_keeps_old_outputs(init):
     assert any(p.requires_grad for p in student.parameters())
     assert not student.backbone.body.conv_stem.weight.requires_grad  # frozen stem stays frozen
     assert student.backbone.body.blocks[2][0].conv_pw.weight.requires_grad
+
+
+# ---- one label space, dense GFL, normalisers, anchor cache ----
+
+def _random_dense(batch: int, h: int, w: int, num_classes: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    grid = make_anchor_grid([(math.ceil(h / s), math.ceil(w / s)) for s in STRIDES], STRIDES, torch.device("cpu"))
+    a = grid.points.shape[0]
+    cls = (torch.randn(batch, a, num_classes, generator=gen) - 2).requires_grad_(True)
+    reg = torch.randn(batch, a, 4, 17, generator=gen).requires_grad_(True)
+    return grid, cls, reg
+
+
+def _sparse_reference(cls, reg, grid, boxes, labels, trained):
+    """The former implementation: per-image ATSS, boolean indexing, sliced channels, torchvision GIoU / CE DFL."""
+    channels = trained.nonzero().squeeze(1)  # trained channels, in order; labels re-indexed into them
+    sub = cls[..., channels]
+    pos_mask, pos_labels, pos_boxes = [], [], []
+    for b, l in zip(boxes, labels):
+        assigned = atss_assign(grid.boxes, grid.num_per_level, b).assigned
+        pos = assigned >= 0
+        pos_mask.append(pos)
+        pos_labels.append(torch.searchsorted(channels, l[assigned[pos]]))
+        pos_boxes.append(b[assigned[pos]])
+    pos = torch.stack(pos_mask)
+    bi, ai = pos.nonzero(as_tuple=True)
+    strides = grid.strides[ai][:, None]
+    points = grid.points[ai] / strides
+    pred = distance2bbox(points, integral(reg[bi, ai]))
+    gt = torch.cat(pos_boxes) / strides
+    weights = sub[bi, ai].detach().sigmoid().max(-1).values
+    targets = torch.zeros_like(sub)
+    targets[bi, ai, torch.cat(pos_labels)] = aligned_iou(pred.detach(), gt)
+    qfl = quality_focal_loss(sub, targets).sum() / pos.sum(1).clamp(min=1).sum()
+    avg = weights.sum().clamp(min=1)
+    giou = (generalized_box_iou_loss(pred, gt, reduction="none") * weights).sum() / avg
+    d = bbox2distance(points, gt, 16 - 0.1).reshape(-1)
+    logits = reg[bi, ai].reshape(-1, 17)
+    left = d.floor().long()
+    dfl = F.cross_entropy(logits, left, reduction="none") * (left + 1 - d) + F.cross_entropy(logits, left + 1, reduction="none") * (d - left)
+    dfl = (dfl.reshape(-1, 4) * weights[:, None]).sum() / 4.0 / avg
+    return {"qfl": qfl, "giou": 2.0 * giou, "dfl": 0.25 * dfl, "num_pos": pos.sum()}
+
+
+def _grads(loss, inputs):
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def test_gfl_dense_matches_sparse_reference():
+    grid, cls, reg = _random_dense(3, 96, 128, 5, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    boxes, labels = [], []
+    for n in (3, 0, 2):  # the middle image has no GT at all
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([128.0, 96.0])
+        wh = 6.0 + torch.rand(n, 2, generator=gen) * 60.0
+        boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], 1))
+        labels.append(torch.randint(2, 5, (n,), generator=gen))
+    trained = torch.tensor([False, False, True, True, True])
+    pb, pl = pad_targets(boxes, labels)
+    new = gfl_loss(cls, reg, grid, assign_targets(grid, pb, pl), trained)
+    ref = _sparse_reference(cls, reg, grid, boxes, labels, trained)
+    assert int(new["num_pos"]) == int(ref["num_pos"]) > 0
+    for k in ("qfl", "giou", "dfl"):
+        assert torch.allclose(new[k], ref[k], rtol=1e-5, atol=1e-7), k
+        for a, b in zip(_grads(new[k], (cls, reg)), _grads(ref[k], (cls, reg))):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-8), k
+
+
+def test_label_space_pin_target_channel_and_untrained_channels():
+    """Labels are model channels: a GT of label k supervises channel k; untrained channels get no QFL at all."""
+    grid, cls, reg = _random_dense(1, 64, 64, 5, seed=2)
+    with torch.no_grad():
+        cls.fill_(-5.0)  # sigma ~ 0.007, below any IoU target
+    trained = torch.tensor([False, False, True, True, True])
+    boxes, labels = torch.tensor([[[8.0, 8.0, 56.0, 50.0]]]), torch.tensor([[3]])
+    asg = assign_targets(grid, boxes, labels)
+    pos = asg.pos_mask[0]
+    assert pos.any() and torch.equal(asg.assigned_labels[0][pos], torch.full((int(pos.sum()),), 3))
+    qfl = gfl_loss(cls, reg, grid, asg, trained)["qfl"]
+    (grad,) = torch.autograd.grad(qfl, cls)
+    g = grad[0]
+    assert torch.equal(g[:, :2], torch.zeros_like(g[:, :2]))  # old channels: exactly no gradient
+    # A positive target (IoU > sigma) pulls channel 3 up at the positives; trained channels with target 0
+    # push down everywhere, including channel 3 off the positives.
+    assert (g[pos, 3] < 0).all() and (g[~pos, 3] > 0).all()
+    assert (g[:, [2, 4]] > 0).all()
+    # The same GT as label 4 moves the target to channel 4.
+    g4 = torch.autograd.grad(gfl_loss(cls, reg, grid, assign_targets(grid, boxes, torch.tensor([[4]])), trained)["qfl"], cls)[0][0]
+    assert (g4[pos, 4] < 0).all() and (g4[pos, 3] > 0).all()
+
+
+def test_qfl_normaliser_sums_max_pos_per_image():
+    """QFL / Σ_img max(#pos_img, 1): an image without positives still counts 1 (mmdetection GFL)."""
+    grid, cls, reg = _random_dense(2, 64, 64, 2, seed=3)
+    trained = torch.ones(2, dtype=torch.bool)
+    boxes = torch.tensor([[[8.0, 8.0, 40.0, 50.0]], [[0.0, 0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1], [-1]])  # image 1: padding only
+    both = gfl_loss(cls, reg, grid, assign_targets(grid, boxes, labels), trained)
+    alone = gfl_loss(cls[:1], reg[:1], grid, assign_targets(grid, boxes[:1], labels[:1]), trained)
+    n = int(alone["num_pos"])
+    assert n > 1 and int(both["num_pos"]) == n
+    empty_sum = quality_focal_loss(cls[1], torch.zeros_like(cls[1])).sum()
+    expected = (alone["qfl"] * n + empty_sum) / (n + 1)
+    assert torch.allclose(both["qfl"], expected, rtol=1e-5)
+    assert not torch.allclose(both["qfl"], (alone["qfl"] * n + empty_sum) / n, rtol=1e-3)
+    # GIoU and DFL: normalised by the positives' weights, which the empty image does not change.
+    assert torch.allclose(both["giou"], alone["giou"], rtol=1e-5) and torch.allclose(both["dfl"], alone["dfl"], rtol=1e-5)
+
+
+def test_giou_loss_matches_torchvision():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(200, 2, generator=gen) * 50
+    b = torch.rand(200, 2, generator=gen) * 50
+    p = torch.cat([a, a + torch.rand(200, 2, generator=gen) * 30], 1)
+    q = torch.cat([b, b + torch.rand(200, 2, generator=gen) * 30], 1)
+    assert torch.allclose(giou_loss(p, q), generalized_box_iou_loss(p, q), atol=1e-6)
+    assert giou_loss(torch.zeros(4), torch.zeros(4)).isfinite()  # degenerate boxes: no NaN
+
+
+def test_anchor_grid_cache_identity():
+    sizes, dev = [(4, 5), (2, 3)], torch.device("cpu")
+    g = make_anchor_grid(sizes, [8, 16], dev)
+    assert make_anchor_grid([(4, 5), (2, 3)], [8, 16], dev) is g
+    assert g.boxes is g.boxes  # computed once, not per access
+    assert make_anchor_grid([(4, 6), (2, 3)], [8, 16], dev) is not g
+    with torch.inference_mode():
+        h = make_anchor_grid([(3, 3)], [8], dev)
+    assert not h.points.is_inference() and not h.boxes.is_inference()  # usable by training afterwards
+    valid = g.valid_mask(torch.tensor([[32, 20], [8, 40]]))  # (h, w) per image
+    assert torch.equal(valid, (g.points[None, :, 0] < torch.tensor([[20], [40]])) & (g.points[None, :, 1] < torch.tensor([[32], [8]])))

@@ -18,7 +18,8 @@ from sdidd.config import Config
 from sdidd.data.records import read_image
 from sdidd.data.transforms import EvalTransform
 from sdidd.engine.checkpoint import load_checkpoint, save_checkpoint
-from sdidd.engine.trainer import detector_config, model_from_checkpoint
+from sdidd.engine.build import detector_config
+from sdidd.engine.checkpoint import model_from_checkpoint
 from sdidd.export import POSTPROCESS, STRIDES, export_onnx, letterbox, postprocess_onnx_outputs
 from sdidd.model import detector as det_mod
 from sdidd.model.head import distance2bbox, integral

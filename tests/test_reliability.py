@@ -27,6 +27,7 @@ import sdidd.engine.trainer as trainer
 from sdidd.cli import main
 from sdidd.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from sdidd.errors import SdiddError
+from sdidd.model.detector import DetectorConfig, build_detector
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_interrupted_incremental_run_resumes_to_the_same_result(tmp_path: Path, 
         orig, calls = trainer.step_loss, {"n": 0}
 
         def interrupt(*a: Any, **k: Any) -> Any:
-            if a[4] > 0:  # num_old > 0: an incremental step
+            if a[1] is not None:  # a teacher output: the incremental step
                 calls["n"] += 1
                 if calls["n"] == per_epoch + 2:  # second step of epoch 2
                     raise KeyboardInterrupt
@@ -189,12 +190,12 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
     import numpy as np
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     np.random.normal()  # leaves a cached gaussian: part of numpy's state too
-    state = {**_valid_state(), "rng": trainer._rng_state()}
+    state = {**_valid_state(), "rng": ckpt_mod.rng_state()}
     del state["format_version"]
     save_checkpoint(state, tmp_path / "last.pth")
     expected = (torch.rand(3), random.random(), np.random.normal(), np.random.rand())
     torch.manual_seed(9), random.seed(9), np.random.seed(9)
-    trainer._set_rng_state(load_checkpoint(tmp_path / "last.pth")["rng"])
+    ckpt_mod.set_rng_state(load_checkpoint(tmp_path / "last.pth")["rng"])
     got = (torch.rand(3), random.random(), np.random.normal(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
 
@@ -371,15 +372,15 @@ def test_broken_files_and_other_formats_give_one_line(tmp_path: Path, capsys: py
 
 
 def test_checkpoint_weights_that_do_not_fit_their_record_are_one_line(tmp_path: Path) -> None:
-    det = trainer.DetectorConfig(num_classes=2, backbone="tf_efficientnet_lite0", pretrained=False, fpn_channels=16,
+    det = DetectorConfig(num_classes=2, backbone="tf_efficientnet_lite0", pretrained=False, fpn_channels=16,
                                  head_channels=16, head_convs=1)
-    model = trainer.build_detector(det)
+    model = build_detector(det)
     state = {"model": model.state_dict(), "detector": dataclasses.asdict(det) | {"fpn_channels": 24}, "classes": ["a", "b"]}
     with pytest.raises(SdiddError, match=r"do not fit the tf_efficientnet_lite0 detector.*mis-shaped \d+ tensors, e\.g\. fpn"):
-        trainer.model_from_checkpoint(state)
+        ckpt_mod.model_from_checkpoint(state)
     state["detector"] = dataclasses.asdict(det) | {"anchor_scale": 8}  # a field this sdidd does not know
     with pytest.raises(SdiddError, match="detector record does not fit"):
-        trainer.model_from_checkpoint(state)
+        ckpt_mod.model_from_checkpoint(state)
 
 
 # ---------------------------------------------------------------- 7. non-finite losses and weights
@@ -448,8 +449,8 @@ def test_settings_changed_compares_what_each_step_trains_on() -> None:
              "distill": {"idfd_weight": 2.0}}
     other_base_lr = {"train": {"lr": 0.02, "milestones": [8], "threads": 1}, "incremental": {"lr": 0.003, "milestones": None},
                      "distill": {"idfd_weight": 2.0}}
-    assert settings_changed(saved, other_base_lr, incremental_step=True) == []  # the step ran on incremental.lr
-    assert settings_changed(saved, other_base_lr, incremental_step=False) == ["train.lr 0.01 (now 0.02)"]
+    assert settings_changed(saved, other_base_lr, with_teacher=True) == []  # the step ran on incremental.lr
+    assert settings_changed(saved, other_base_lr, with_teacher=False) == ["train.lr 0.01 (now 0.02)"]
     other_distill = {**saved, "distill": {"idfd_weight": 1.0}}
-    assert settings_changed(saved, other_distill, incremental_step=False) == []  # a base step has no distillation
-    assert settings_changed(saved, other_distill, incremental_step=True) == ["distill.idfd_weight 2.0 (now 1.0)"]
+    assert settings_changed(saved, other_distill, with_teacher=False) == []  # a base step has no distillation
+    assert settings_changed(saved, other_distill, with_teacher=True) == ["distill.idfd_weight 2.0 (now 1.0)"]

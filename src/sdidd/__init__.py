@@ -17,15 +17,21 @@ def __getattr__(name: str):
     if name in ("build_detector", "GFL", "DetectorConfig"):
         from .model import detector
         return getattr(detector, name)
-    if name in ("build_dataset", "subset_classes"):
+    if name == "build_dataset":
         from . import data
         return getattr(data, name)
     if name in ("run_train", "run_incremental"):
         from .engine import protocol
         return getattr(protocol, name)
-    if name in ("train_step", "evaluate_model", "model_from_checkpoint", "StepSpec"):
+    if name in ("train_step", "StepSpec"):
         from .engine import trainer
         return getattr(trainer, name)
+    if name == "evaluate_model":
+        from .evaluate import evaluate_model
+        return evaluate_model
+    if name == "model_from_checkpoint":
+        from .engine.checkpoint import model_from_checkpoint
+        return model_from_checkpoint
     if name == "run_benchmark":
         from .benchmark import run_benchmark
         return run_benchmark
@@ -33,5 +39,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Config", "load_config", "SdiddError", "build_detector", "GFL", "DetectorConfig", "build_dataset",
-           "subset_classes", "run_train", "run_incremental", "train_step", "evaluate_model", "model_from_checkpoint",
+           "run_train", "run_incremental", "train_step", "evaluate_model", "model_from_checkpoint",
            "StepSpec", "run_benchmark"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import logging
 import platform
 import shlex
 import sys
@@ -14,10 +15,14 @@ import torch
 
 from .config import Config
 from .engine import distributed as dist
-from .engine.protocol import dataset_classes, step_specs
-from .engine.trainer import StepResult, StepSpec, train_step
 from .config import protocol_groups
+from .engine.build import StepSpec
+from .engine.protocol import run_steps, step_specs
+from .engine.run_data import RunData, channel_view, load_run_data
+from .engine.trainer import StepResult, train_step
 from .errors import SdiddError
+
+log = logging.getLogger(__name__)
 
 # Each ablation removes one strategy (or our HCCD score floor) from the full sdidd method.
 ABLATIONS = {
@@ -80,15 +85,15 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     cfg = copy.deepcopy(cfg)
     cfg.train.resume = True  # finished stages are reused, interrupted ones continue
     out_dir, results_dir = Path(out_dir), Path(results_dir)
-    classes = dataset_classes(cfg)
-    groups = protocol_groups(cfg, classes)
+    data = load_run_data(cfg.data)  # parsed, checked and decoded once for the teacher and every method
+    groups = protocol_groups(cfg, data.classes)
     protocol = cfg.incremental.protocol or "+".join(str(len(g)) for g in groups)
     tag = tag or f"{cfg.data.dataset}_{protocol}_{profile}"
     all_classes = [c for g in groups for c in g]
     num_old = len(all_classes) - len(groups[-1])
 
     base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
-    teacher_res = train_step(cfg, base_spec, out_dir / "teacher")
+    teacher_res = train_step(cfg, base_spec, out_dir / "teacher", data)
     report: dict[str, Any] = {
         "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
         "date": _dt.date.today().isoformat(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
@@ -108,41 +113,32 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = _method_cfg(cfg, method)
-        specs = step_specs(groups, base)
-        teacher = teacher_res.model
-        result = None
-        for spec in specs[1:]:
-            step_dir = out_dir / method / f"step{spec.step}"
-            joint = base == "joint"
-            result = train_step(mcfg, spec, step_dir, teacher=None if joint else teacher,
-                                epochs=mcfg.train.epochs if joint else (mcfg.incremental.epochs or mcfg.train.epochs),
-                                lr=mcfg.train.lr if joint else (mcfg.incremental.lr or mcfg.train.lr))
-            teacher = result.model
-        assert result is not None
+        results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
+                            teacher=teacher_res.model)
+        result = results[-1]
         final_models[method] = result.model
         report["methods"][method] = _entry(result, num_old, all_classes)
         if dist.is_main():
             _write(report, results_dir, tag)
-            print(format_report_table(report))
+            log.info(format_report_table(report))
     if dist.is_main():
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
-        _prediction_grids(final_models, cfg, all_classes, out_dir)
+        _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
 
 
-def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, classes: list[str], out_dir: Path,
+def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, data: RunData, classes: list[str], out_dir: Path,
                       num_images: int = 8) -> None:
     """`<out_dir>/predictions_<method>.png`: the same test images (with GT dashed) for finetune, erd and sdidd.
 
     They go to the run folder, not to the results folder: they show dataset images, which stay out of the repository.
     """
     from .data.transforms import EvalTransform
-    from .engine.data_setup import load_split, relabel
     from .plots import plot_model_predictions
     chosen = {m: models[m] for m in ("finetune", "erd", "sdidd") if m in models}
     if not chosen:
         return
-    test = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
+    test = channel_view(data.test, classes)  # images holding a box of some class
     test.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
     for name, model in chosen.items():
         plot_model_predictions(model, test, classes, out_dir / f"predictions_{name}.png", num_images)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -37,10 +38,12 @@ def _cmd_incremental(a: argparse.Namespace) -> int:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .config import config_from_dict
-    from .engine.checkpoint import load_checkpoint
-    from .engine.data_setup import load_split, relabel
-    from .engine.trainer import evaluate_model, model_from_checkpoint, print_result, select_device
-    from .evaluate import save_result_json
+    from .device import select_device
+    from .engine.build import StepSpec
+    from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.run_data import channel_view, decode_once, load_split
+    from .engine.trainer import log_result
+    from .evaluate import evaluate_model, save_result_json
     state = load_checkpoint(a.checkpoint)
     cfg = config_from_dict(state["config"])
     if a.data:
@@ -48,18 +51,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.root:
         cfg.data.root = a.root
     cfg.data.test_split = a.split or cfg.data.test_split
-    cfg.train.device = a.device
-    device = select_device(a.device)
+    device = select_device(a.device, "--device")
     model = model_from_checkpoint(state, device)
     classes = list(state["classes"])
-    test = relabel(load_split(cfg.data, cfg.data.test_split), classes, keep_empty=True)
-    n_new = len(state.get("new_classes", classes))
-    groups = {"all": list(range(len(classes)))}
-    if n_new < len(classes):
-        groups["old"] = list(range(len(classes) - n_new))
-        groups["new"] = list(range(len(classes) - n_new, len(classes)))
-    result = evaluate_model(model, test, cfg, device, groups=groups)
-    print_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
+    split = decode_once(load_split(cfg.data, cfg.data.test_split), cfg.data)
+    test = channel_view(split, classes, keep_empty=True)
+    spec = StepSpec(classes, list(state.get("new_classes", classes)))
+    groups = spec.groups
+    result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers)
+    log_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
     save_result_json(result, out)
     from .data.transforms import EvalTransform
@@ -68,7 +68,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     new = [classes[i] for i in groups.get("new", groups["all"])]
     written = [plot_per_class_ap({Path(a.checkpoint).stem: {c: result.per_class[c]["ap50"] for c in classes}}, old, new,
                                  out.with_suffix(".png"), title=f"AP50 per class: {a.checkpoint}")]
-    shown = relabel(load_split(cfg.data, cfg.data.test_split), classes)  # images holding a box of some class
+    shown = channel_view(split, classes)  # images holding a box of some class
     if len(shown):
         shown.transform = EvalTransform(cfg.data.test_size, cfg.data.max_size)
         written.append(plot_model_predictions(model, shown, classes, out.with_name(out.stem + "_predictions.png")))
@@ -222,9 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Library logs to the current sys.stdout (so pytest's capture and redirections see them), rank 0 only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from .engine import distributed as dist
+        if dist.is_main():
+            self.stream = sys.stdout
+            super().emit(record)
+
+
+def setup_logging() -> None:
+    """The CLI decides what prints: sdidd's INFO and above, as plain lines on stdout."""
+    logger = logging.getLogger("sdidd")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors print one line and exit 2."""
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args.fn(args) or 0)
     except SdiddError as e:

@@ -34,7 +34,8 @@ class DataConfig:
     train_ann: Optional[str] = None  # coco only
     test_ann: Optional[str] = None  # coco only
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
-    check: bool = True  # run the dataset check before training
+    check: bool = True  # decode and check every image before training
+    cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=lambda: [8, 11])
     gamma: float = 0.1
     grad_clip: Optional[float] = None
-    workers: int = 2
+    workers: Optional[int] = None  # loader processes; None: 0 when the pixels are in memory, else half the cores (max 4)
     amp: bool = True  # used on CUDA only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -73,6 +74,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
     out_dir: str = "runs/default"
+    keep_checkpoints: int = 1  # epoch_<n>.pth files kept beside last.pth (the newest ones; 0: only last.pth)
     resume: bool = False
     progress: bool = True
 
@@ -278,10 +280,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict `base` updated by `extra` (sub-dicts merged key by key)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -307,7 +310,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SdiddError(f"{p}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     return config_from_dict(data)
 
 
@@ -339,7 +342,9 @@ def validate(cfg: Config) -> None:
     need(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
     need(0 < t.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
     need(all(x >= 1 for x in t.milestones) and t.milestones == sorted(t.milestones), "train.milestones", "must be increasing epochs >= 1")
-    need(t.workers >= 0, "train.workers", "must be >= 0")
+    need(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 (or null: chosen from the machine)")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+    need(d.cache_gb >= 0, "data.cache_gb", "must be >= 0")
     need(t.gamma > 0, "train.gamma", "must be positive")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive (or null: no clipping)")
     need(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")

@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["EvalResult", "evaluate_detections", "format_table", "result_to_dict", "save_result_json"]
+__all__ = ["EvalResult", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json"]
 
 
 @dataclass
@@ -42,12 +42,12 @@ def _nan(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _np(x: Any, dtype: type, cols: int | None = None) -> np.ndarray:
-    """Tensor / list / array -> numpy (empty inputs get the right trailing shape)."""
+def to_numpy(x: Any, dtype: type, cols: int | None = None) -> np.ndarray:
+    """Tensor / list / array / None -> numpy of `dtype` (empty inputs get the right trailing shape)."""
     if hasattr(x, "detach"):
-        x = x.detach().float().cpu() if dtype is np.float64 else x.detach().cpu()
-        x = x.numpy()
-    a = np.asarray(x, dtype=dtype)
+        x = x.detach().cpu()
+        x = x.float().numpy() if np.issubdtype(dtype, np.floating) else x.numpy()
+    a = np.asarray(x if x is not None else [], dtype=dtype)
     return a.reshape(-1, cols) if cols else a.reshape(-1)
 
 
@@ -61,7 +61,7 @@ def _coco_gt(records: Sequence[Any], num_classes: int, class_ids: list[int], nam
     keep = set(class_ids)
     for r in records:
         images.append({"id": int(r.image_id), "width": int(r.width), "height": int(r.height)})
-        boxes, labels = _np(r.boxes, np.float64, 4), _np(r.labels, np.int64)
+        boxes, labels = to_numpy(r.boxes, np.float64, 4), to_numpy(r.labels, np.int64)
         for (x1, y1, x2, y2), lab in zip(boxes.tolist(), labels.tolist()):
             if lab not in keep:
                 continue
@@ -83,8 +83,8 @@ def _coco_dt(gt: COCO, detections: Mapping[int, Mapping[str, Any]], class_ids: l
     for image_id, det in detections.items():
         if int(image_id) not in known:
             raise ValueError(f"detections for image_id {image_id}, which is not among the evaluated records")
-        boxes = _np(det["boxes"], np.float64, 4)
-        scores, labels = _np(det["scores"], np.float64), _np(det["labels"], np.int64)
+        boxes = to_numpy(det["boxes"], np.float64, 4)
+        scores, labels = to_numpy(det["scores"], np.float64), to_numpy(det["labels"], np.int64)
         if not (len(boxes) == len(scores) == len(labels)):
             raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
         sel = np.isin(labels, keep)
@@ -138,6 +138,29 @@ def evaluate_detections(records: Sequence[Any], classes: list[str], detections: 
         group_maps[g] = _nanmean(per_class[classes[i]]["ap50"] for i in ids if i in evaluated)
     group_maps.setdefault("all", map50)
     return EvalResult(per_class=per_class, groups=group_maps, map50=map50, map=map_, num_gt=num_gt)
+
+
+def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups: Optional[Mapping[str, list[int]]] = None,
+                   batch_size: int = 8, workers: Optional[int] = None) -> EvalResult:
+    """Detect on every image of `dataset` (labels = model channels) in fp32 and score with pycocotools.
+
+    Under torchrun each rank detects its share of the images and the detections are gathered first.
+    """
+    import torch
+
+    from .engine import distributed as dist
+    from .engine.run_data import test_loader
+    was_training = model.training
+    model.eval()
+    detections: dict[int, dict[str, np.ndarray]] = {}
+    with torch.no_grad():  # fp32 on purpose: bf16 scores reorder near-ties and move AP by tenths
+        for batch in test_loader(dataset, data_cfg, batch_size, workers):
+            results = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
+            for image_id, r in zip(batch["image_ids"], results):
+                detections[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
+    detections = dist.gather_dict(detections)
+    model.train(was_training)
+    return evaluate_detections(dataset.records, dataset.classes, detections, groups=groups)
 
 
 def _fmt(v: Optional[float], width: int = 7) -> str:

@@ -21,6 +21,8 @@ The model's metadata (``custom_metadata_map``) lists the classes, S, strides and
 """
 from __future__ import annotations
 
+import logging
+
 import inspect
 import json
 import math
@@ -31,6 +33,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import SdiddError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["export_onnx", "postprocess_onnx_outputs", "letterbox", "level_counts", "POSTPROCESS", "STRIDES"]
 
@@ -189,7 +193,7 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
     import torch
 
     from .engine.checkpoint import load_checkpoint
-    from .engine.trainer import model_from_checkpoint
+    from .engine.checkpoint import model_from_checkpoint
 
     state = load_checkpoint(checkpoint)
     if size is None:
@@ -197,7 +201,7 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
     if size < 32:
         raise SdiddError(f"--size {size}: must be >= 32")
     if size % 32:
-        print(f"note: input size {size} rounded up to {math.ceil(size / 32) * 32}, a multiple of the coarsest backbone stride")
+        log.info(f"note: input size {size} rounded up to {math.ceil(size / 32) * 32}, a multiple of the coarsest backbone stride")
         size = math.ceil(size / 32) * 32
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)

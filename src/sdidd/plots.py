@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import patches  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from .evaluate import to_numpy  # noqa: E402
 
 __all__ = ["plot_per_class_ap", "plot_training_curves", "plot_predictions_grid", "plot_model_predictions", "draw_detections",
            "class_color"]
@@ -25,14 +26,6 @@ _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 def class_color(label: int) -> tuple[int, int, int]:
     """RGB colour of a class index (shared by every drawing so a class keeps its colour)."""
     return _PALETTE[int(label) % len(_PALETTE)]
-
-
-def _np(x: Any, dtype: type, cols: Optional[int] = None) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        x = x.float().numpy() if dtype is np.float32 else x.numpy()
-    a = np.asarray(x if x is not None else [], dtype=dtype)
-    return a.reshape(-1, cols) if cols else a.reshape(-1)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -178,7 +171,7 @@ def draw_detections(image: np.ndarray, boxes: Any, scores: Any, labels: Any, cla
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     pil = Image.fromarray(np.ascontiguousarray(img.astype(np.uint8)[:, :, :3]))
-    boxes, scores, labels = _np(boxes, np.float32, 4), _np(scores, np.float32), _np(labels, np.int64)
+    boxes, scores, labels = to_numpy(boxes, np.float32, 4), to_numpy(scores, np.float32), to_numpy(labels, np.int64)
     h, w = img.shape[:2]
     lw = max(1, round(min(h, w) / 160))
     font = _font(max(10, round(min(h, w) / 28)))
@@ -219,12 +212,12 @@ def plot_predictions_grid(images: Sequence[np.ndarray], detections: Sequence[Map
         img = np.asarray(images[i])
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         if gt is not None and i < len(gt):
-            for x1, y1, x2, y2 in _np(gt[i].get("boxes"), np.float32, 4).tolist():
+            for x1, y1, x2, y2 in to_numpy(gt[i].get("boxes"), np.float32, 4).tolist():
                 ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
                                                linestyle=(0, (4, 3)), linewidth=1.6))
         det = detections[i] if i < len(detections) else {}
-        boxes, scores = _np(det.get("boxes"), np.float32, 4), _np(det.get("scores"), np.float32)
-        labels = _np(det.get("labels"), np.int64)
+        boxes, scores = to_numpy(det.get("boxes"), np.float32, 4), to_numpy(det.get("scores"), np.float32)
+        labels = to_numpy(det.get("labels"), np.int64)
         keep = np.nonzero(scores >= score_thr)[0]
         for j in keep[np.argsort(scores[keep], kind="stable")]:
             x1, y1, x2, y2 = boxes[j].tolist()

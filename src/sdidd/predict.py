@@ -17,6 +17,8 @@ written, and the command then exits 2 so that scripts notice.
 """
 from __future__ import annotations
 
+import logging
+
 import json
 import sys
 from pathlib import Path
@@ -28,7 +30,10 @@ from PIL import Image
 
 from .data.records import read_image
 from .data.transforms import EvalTransform, collate
+from .device import select_device
 from .errors import SdiddError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["run_predict", "find_images", "IMAGE_SUFFIXES"]
 
@@ -52,17 +57,6 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SdiddError(f"--device {name}: CUDA is not available (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SdiddError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N)") from None
-
-
 def _out_names(files: list[Path]) -> list[str]:
     """Output file names: the input's name, made unique when two folders hold the same name."""
     names, seen = [], set()
@@ -83,7 +77,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
     """
     from .engine.checkpoint import load_checkpoint
-    from .engine.trainer import model_from_checkpoint
+    from .engine.checkpoint import model_from_checkpoint
     from .plots import draw_detections
 
     if batch_size < 1:
@@ -91,7 +85,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     if not 0 <= score_thr <= 1:
         raise SdiddError(f"--score {score_thr}: must be within 0..1")
     files = find_images(inputs)  # before loading the model: input mistakes are reported at once
-    dev = _device(device)
+    dev = select_device(device, "--device")
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, dev).eval()
     classes = list(state["classes"])
@@ -128,7 +122,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     json_path.write_text(json.dumps({**_to_json(results, classes), "skipped": bad}))
     n = sum(len(r["scores"]) for r in results)
     note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
-    print(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
+    log.info(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
     return results
 
 

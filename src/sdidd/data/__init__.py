@@ -13,7 +13,7 @@ from typing import Any, Optional
 from sdidd.data.coco_json import load_coco_json
 from sdidd.data.deeppcb import DEEPPCB_CLASSES, find_pcbdata, load_deeppcb
 from sdidd.data.neu_det import NEU_CLASSES, load_neu_det
-from sdidd.data.records import DetectionDataset, Problems, Record, subset_classes
+from sdidd.data.records import DetectionDataset, Problems, Record
 from sdidd.data.synthetic import SYNTHETIC_CLASSES, load_synthetic
 from sdidd.data.transforms import EvalTransform, TrainTransform, collate
 from sdidd.errors import SdiddError
@@ -21,7 +21,6 @@ from sdidd.errors import SdiddError
 __all__ = [
     "Record",
     "DetectionDataset",
-    "subset_classes",
     "Problems",
     "collate",
     "TrainTransform",
@@ -44,7 +43,7 @@ _ALIASES = {"neudet": "neu-det", "neu": "neu-det", "deep-pcb": "deeppcb", "pcb":
 _FOLDERS = {"neu-det": "NEU-DET", "deeppcb": "DeepPCB"}
 ENV_VAR = "SDIDD_DATA"
 _KWARGS = {
-    "synthetic": {"num_images", "image_size", "seed", "cache_dir"},
+    "synthetic": {"num_images", "image_size", "seed"},
     "neu-det": {"problems"},
     "deeppcb": {"problems"},
     "coco": {"images_dir", "ann_file", "problems"},
@@ -95,7 +94,7 @@ def build_dataset(name: str, split: str, root: Optional[str | Path] = None, **kw
     """Build dataset `name` (synthetic, neu-det, deeppcb, coco) for `split`.
 
     'train' and 'trainval' are accepted for every dataset. Extra keywords: `transform` (all),
-    `problems` (file datasets), num_images/image_size/seed/cache_dir (synthetic),
+    `problems` (file datasets), num_images/image_size/seed (synthetic),
     images_dir/ann_file (coco, where `split` is only a label).
     """
     key = canonical_name(name)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import torch
 from PIL import Image
 
 from sdidd.data import canonical_name, resolve_data_root
@@ -85,43 +87,59 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def inspect_image(path: str) -> tuple[Optional[str], Optional[tuple[int, int]], Optional[str]]:
-    """(sha1 of the bytes, decoded (w, h), error) of one image file."""
+def inspect_image(path: str, keep_pixels: bool = False) -> tuple[Optional[str], Optional[tuple[int, int]], Optional[str], Optional[torch.Tensor]]:
+    """(sha1 of the bytes, decoded (w, h), error, uint8 [3,H,W] RGB pixels if `keep_pixels`) of one image file."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return None, None, f"cannot read image ({e.strerror or e})"
+        return None, None, f"cannot read image ({e.strerror or e})", None
     digest = hashlib.sha1(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode every pixel: a truncated file only fails here
-            return digest, im.size, None
+            pixels = None
+            if keep_pixels:
+                pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            return digest, im.size, None, pixels
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return digest, None, f"cannot read image ({type(e).__name__}: {e})"
+        return digest, None, f"cannot read image ({type(e).__name__}: {e})", None
 
 
-def check_images(dataset: DetectionDataset, problems: Problems, workers: Optional[int] = None) -> None:
-    """Decode every image file of `dataset`, compare sizes, and find byte-identical duplicates."""
+def check_images(dataset: DetectionDataset, problems: Problems, workers: Optional[int] = None,
+                 keep_pixels: bool = False, duplicates: bool = True) -> tuple[dict[int, torch.Tensor], set[int]]:
+    """Decode every image file of `dataset` once, compare sizes, optionally find byte-identical duplicates.
+
+    Returns (decoded pixels by image_id of the good images when `keep_pixels`, else empty; image_ids of the
+    bad images). Training caches the pixels, so the check is the run's only decode. Problems go to `problems`.
+    """
     files = [r.file for r in dataset.records]
     # PIL releases the GIL while decoding, so a few threads help without extra processes.
     n = workers if workers is not None else min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
-        results = list(pool.map(inspect_image, files))
+        results = list(pool.map(lambda f: inspect_image(f, keep_pixels), files))
     by_digest: dict[str, list[str]] = {}
-    for rec, (digest, size, err) in zip(dataset.records, results):
+    pixels: dict[int, torch.Tensor] = {}
+    bad: set[int] = set()
+    for rec, (digest, size, err, px) in zip(dataset.records, results):
         if digest is not None:
             by_digest.setdefault(digest, []).append(rec.file)
         if err is not None:
+            bad.add(rec.image_id)
             problems.add(UNREADABLE_IMAGE, f"{rec.file}: {err}")
         elif size != (rec.width, rec.height):
+            bad.add(rec.image_id)
             problems.add(
                 SIZE_MISMATCH,
                 f"{rec.file}: image is {size[0]}x{size[1]} but the annotation says {rec.width}x{rec.height}",
             )
-    for group in by_digest.values():
-        group = sorted(group)
-        for f in group[1:]:
-            problems.add(DUPLICATE_IMAGE, f"{f}: same bytes as {group[0]}")
+        elif px is not None:
+            pixels[rec.image_id] = px
+    if duplicates:
+        for group in by_digest.values():
+            group = sorted(group)
+            for f in group[1:]:
+                problems.add(DUPLICATE_IMAGE, f"{f}: same bytes as {group[0]}")
+    return pixels, bad
 
 
 def _check_boxes_only(dataset: DetectionDataset, problems: Problems) -> None:

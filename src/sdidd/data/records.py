@@ -9,7 +9,6 @@ problem is counted, the bad item skipped, and parsing goes on. So the parsing co
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ __all__ = [
     "Record",
     "DetectionDataset",
     "Problems",
-    "subset_classes",
     "read_image",
     "check_box",
     "Transform",
@@ -170,13 +168,22 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.records: list[Record] = list(records)
         self.transform = transform
         self.name = name
+        # Decoded uint8 pixels by image_id, filled once per run when the split fits the memory budget
+        # (see engine/run_data.py); loader workers forked after that share the tensors without copying.
+        self.pixels: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def in_memory(self) -> bool:
+        """True when pixels come from memory (decoded cache or generated data), not from files."""
+        return bool(self.pixels)
+
     def load_image(self, i: int) -> torch.Tensor:
-        """Pixels of record `i` as uint8 [3,H,W]; subclasses (synthetic data) override this."""
-        return read_image(self.records[i].file)
+        """Pixels of record `i` as uint8 [3,H,W] (from the in-memory cache when filled); synthetic data overrides this."""
+        cached = self.pixels.get(self.records[i].image_id)
+        return cached if cached is not None else read_image(self.records[i].file)
 
     def get_target(self, i: int) -> dict:
         """Untransformed target of record `i`: boxes float32 [N,4], labels int64 [N], image_id."""
@@ -194,12 +201,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target
-
-    def with_transform(self, transform: Optional[Transform]) -> "DetectionDataset":
-        """Shallow copy sharing the records but using another transform."""
-        out = copy.copy(self)
-        out.transform = transform
-        return out
 
     def with_records(self, records: Sequence[Record]) -> "DetectionDataset":
         """Shallow copy (same class, classes and transform) holding other records."""
@@ -228,20 +229,3 @@ class DetectionDataset(torch.utils.data.Dataset):
         for i, (c, n) in enumerate(self.class_counts().items()):
             lines.append(f"  {i:2d} {c:<{width}} {n}")
         return "\n".join(lines)
-
-
-def subset_classes(dataset: DetectionDataset, class_names: Sequence[str]) -> DetectionDataset:
-    """Keep images with >= 1 box of `class_names`, and only those boxes; labels stay global."""
-    unknown = [c for c in class_names if c not in dataset.classes]
-    if unknown:
-        raise SdiddError(
-            f"unknown class name(s) {', '.join(map(repr, unknown))} for dataset "
-            f"{dataset.name or type(dataset).__name__}; valid names: {', '.join(dataset.classes)}"
-        )
-    keep_ids = np.array(sorted({dataset.classes.index(c) for c in class_names}), dtype=np.int64)
-    records = []
-    for r in dataset.records:
-        m = np.isin(r.labels, keep_ids)
-        if m.any():
-            records.append(dataclasses.replace(r, boxes=r.boxes[m], labels=r.labels[m]))
-    return dataset.with_records(records)

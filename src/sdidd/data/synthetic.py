@@ -6,15 +6,12 @@ depends only on ``(seed, split, i)`` (train and test draw from disjoint seed str
 old- and new-class defects co-occur, which is what makes forgetting matter in an incremental step.
 
 All pixels are rendered at construction (160 px images: ~25 KB each) and kept in memory as
-grayscale; ``cache_dir`` optionally stores them in an .npz file to skip the work next time.
+grayscale.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -28,8 +25,8 @@ __all__ = ["SYNTHETIC_CLASSES", "SyntheticDataset", "load_synthetic", "render_im
 
 SYNTHETIC_CLASSES = ["scratch", "spot", "patch", "crack"]
 DEFAULT_NUM_IMAGES = {"train": 240, "test": 80}
+_GENERATOR_VERSION = 1  # part of every image's seed: bump when rendering changes
 _SPLIT_CODE = {"train": 0, "test": 1}  # part of the seed: train and test streams never overlap
-_GENERATOR_VERSION = 1  # bump when rendering changes, so stale caches are not reused
 _MASK_THRESHOLD = 0.25  # a pixel belongs to a defect's box when its mask reaches this
 _MIN_SIDE = 4
 _MAX_IOU = 0.3  # defects may overlap a little, not hide each other
@@ -197,7 +194,6 @@ class SyntheticDataset(DetectionDataset):
         num_images: Optional[int] = None,
         image_size: int = 160,
         seed: int = 0,
-        cache_dir: Optional[str | Path] = None,
         transform: Optional[Transform] = None,
     ) -> None:
         if split not in _SPLIT_CODE:
@@ -208,59 +204,28 @@ class SyntheticDataset(DetectionDataset):
                 f"synthetic: need num_images >= 0, image_size >= 32, seed >= 0 (got {n}, {image_size}, {seed})"
             )
         self.split, self.image_size, self.seed = split, int(image_size), int(seed)
-        grays, boxes, labels = self._generate_or_load(n, cache_dir)
+        grays, boxes, labels = self._generate(n)
         # Keyed by image_id so subsets (which drop records) still find their pixels.
-        self._pixels: dict[int, np.ndarray] = {}
+        self._gray: dict[int, np.ndarray] = {}
         records = []
         for i in range(n):
             rec = Record(i + 1, f"synthetic://{split}/{i:06d}", self.image_size, self.image_size, boxes[i], labels[i])
-            self._pixels[rec.image_id] = grays[i]
+            self._gray[rec.image_id] = grays[i]
             records.append(rec)
         super().__init__(SYNTHETIC_CLASSES, records, transform=transform, name=f"synthetic/{split}")
 
-    def _generate_or_load(
-        self, n: int, cache_dir: Optional[str | Path]
-    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        cache = None
-        if cache_dir is not None:
-            cache = Path(cache_dir) / (
-                f"synthetic_v{_GENERATOR_VERSION}_{self.split}_n{n}_s{self.image_size}_seed{self.seed}.npz"
-            )
-            if cache.is_file():
-                try:
-                    with np.load(cache) as z:
-                        if len(z["counts"]) != n:
-                            raise ValueError("stale cache")
-                        splits = np.cumsum(z["counts"])[:-1]
-                        return (
-                            list(z["images"]),
-                            np.split(z["boxes"].reshape(-1, 4), splits),
-                            np.split(z["labels"], splits),
-                        )
-                except (OSError, ValueError, KeyError):
-                    pass  # a broken cache is just regenerated
-        if n == 0:
-            return [], [], []
+    def _generate(self, n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         out = [render_image(self.seed, self.split, i, self.image_size) for i in range(n)]
-        grays, boxes, labels = [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so a concurrent reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-            os.close(fd)
-            np.savez_compressed(
-                tmp,
-                images=np.stack(grays) if grays else np.zeros((0, self.image_size, self.image_size), np.uint8),
-                boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-                labels=np.concatenate(labels) if labels else np.zeros((0,), np.int64),
-                counts=np.array([len(b) for b in boxes], dtype=np.int64),
-            )
-            os.replace(tmp, cache)
-        return grays, boxes, labels
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+    @property
+    def in_memory(self) -> bool:
+        """Generated pixels always live in memory."""
+        return True
 
     def load_image(self, i: int) -> torch.Tensor:
         """Record `i`'s pixels as uint8 [3,S,S] (a fresh tensor; the stored gray image is shared)."""
-        gray = torch.from_numpy(self._pixels[self.records[i].image_id])
+        gray = torch.from_numpy(self._gray[self.records[i].image_id])
         return gray.unsqueeze(0).repeat(3, 1, 1)
 
 
@@ -269,7 +234,6 @@ def load_synthetic(
     num_images: Optional[int] = None,
     image_size: int = 160,
     seed: int = 0,
-    cache_dir: Optional[str | Path] = None,
 ) -> DetectionDataset:
     """The procedural defect dataset (train: 240 images, test: 80 by default)."""
-    return SyntheticDataset(split, num_images, image_size, seed, cache_dir)
+    return SyntheticDataset(split, num_images, image_size, seed)

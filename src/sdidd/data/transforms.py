@@ -95,7 +95,11 @@ class EvalTransform:
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict:
-    """Stack images zero-padded (bottom/right) to a multiple of 32; keep targets as a list."""
+    """Stack images zero-padded (bottom/right) to a multiple of 32; GT boxes/labels padded to the batch's max count.
+
+    `boxes` [B, G, 4] and `labels` [B, G] (-1 on padded rows) go to the device in one copy each, so the loss
+    needs no per-image host work; `sizes` [B, 2] (h, w) marks each image's unpadded region.
+    """
     if len(batch) == 0:
         raise ValueError("collate got an empty batch")
     images = [im for im, _ in batch]
@@ -106,10 +110,21 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict:
     out = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):
         out[i, :, :h, :w] = im
+    g = max((len(t["labels"]) for t in targets), default=0)
+    boxes = torch.zeros((len(targets), g, 4), dtype=torch.float32)
+    labels = torch.full((len(targets), g), -1, dtype=torch.int64)
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        boxes[i, :n] = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+        labels[i, :n] = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
     return {
         "images": out,
+        "boxes": boxes,
+        "labels": labels,
+        "sizes": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
         "targets": targets,
         "image_sizes": sizes,
-        "scales": [float(t.get("scale", 1.0)) for t in targets],
+        # Per-axis (sx, sy): whole-pixel rounding makes the two axes differ slightly from the nominal scale.
+        "scales": [tuple(t.get("scale_xy", (1.0, 1.0))) for t in targets],
         "image_ids": [int(t["image_id"]) for t in targets],
     }

@@ -1,4 +1,8 @@
-"""Strategy (2), dual-stage cascade regression distillation (DSCRD): LD's KL on ATSS positives and on the VLR."""
+"""Strategy (2), dual-stage cascade regression distillation (DSCRD): LD's KL on ATSS positives and on the VLR.
+
+Both selections come from the step's shared :class:`~sdidd.model.assigner.Assignment` (the same ATSS as the
+GFL loss, on the step's = new-class GT boxes); the KL is computed densely and masked: no host sync.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..model.assigner import atss_assign, vlr_region
+from ..model.assigner import Assignment
 from .kl import distribution_kl
 
 
@@ -14,51 +18,30 @@ def dscrd_loss(
     student_cls: Tensor,
     student_reg: Tensor,
     teacher_reg: Tensor,
-    anchors: Tensor,
-    num_per_level: list[int],
-    gt_boxes: list[Tensor],
+    assignment: Assignment,
     new_slice: slice,
     T: float = 10.0,
     ld_weight: float = 0.25,
     vlr_weight: float = 0.25,
-    topk: int = 9,
-) -> dict:
-    """Box-distribution KL on new-GT ATSS positives ('ld') and IoU-weighted on the VLR ('vlr'), summed over the batch.
+) -> dict[str, Tensor]:
+    """Box-distribution KL on ATSS positives ('ld', predicted-IoU weighted) and on the VLR ('vlr', IoU weighted).
 
-    Returns ``{'ld', 'vlr'}`` (0-dim tensors), ``{'n_pos', 'n_vlr'}`` (ints) and ``'pos_mask'`` ([B, A] bool,
-    the ATSS positives, reusable by :func:`kd_mismatch_loss` and the IDFD level-zeroing quirk; not a loss).
+    Summed over the batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
     """
     bins = student_reg.shape[-1]
     batch, num_anchors = student_reg.shape[:2]
-    zero = student_reg.flatten()[:0].sum()  # exact 0 that still carries a graph to the student
-    ld, vlr = zero, zero
-    n_pos, n_vlr = 0, 0
-    pos_mask = torch.zeros((batch, num_anchors), dtype=torch.bool, device=student_reg.device)
-    for b in range(batch):
-        gts = gt_boxes[b].to(anchors)
-        if gts.shape[0] == 0:
-            continue
-        with torch.no_grad():
-            # Stage 1 (top-k nearest per level) and stage 2 (IoU >= mean+std, centre inside) are exactly ATSS.
-            res = atss_assign(anchors, num_per_level, gts, topk=topk)
-            region = vlr_region(anchors, gts, res.threshold, iou=res.iou)  # [A], IoU(a, g*) or 0
-        pos = res.assigned >= 0
-        in_vlr = region > 0
-        pos_mask[b] = pos
-        # One KL evaluation over the union; positives may also lie in the VLR (DIoU <= IoU).
-        idx = (pos | in_vlr).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
-        kl = distribution_kl(student_reg[b, idx].reshape(-1, bins), teacher_reg[b, idx].reshape(-1, bins), T)
-        kl_sum = kl.view(-1, 4).sum(-1)  # [n], summed over the 4 sides
-        # w_a: the student's new-class quality score (its predicted IoU), detached.
-        w = student_cls[b, idx][:, new_slice].detach().sigmoid().amax(dim=-1)
-        sel_pos = pos[idx].to(kl_sum.dtype)
-        ld = ld + (sel_pos * w * kl_sum).sum() / 4.0
-        vlr = vlr + (region[idx].to(kl_sum.dtype) * kl_sum).sum() / 16.0
-        n_pos += int(pos.sum())
-        n_vlr += int(in_vlr.sum())
-    return {"ld": ld_weight * ld, "vlr": vlr_weight * vlr, "n_pos": n_pos, "n_vlr": n_vlr, "pos_mask": pos_mask}
+    with torch.no_grad():
+        pos = assignment.pos_mask  # stage 1 (top-k per level) + stage 2 (IoU >= mean+std, centre inside) = ATSS
+        region = assignment.vlr_region()  # [B, A], IoU(a, g*) inside the VLR, else 0
+        # w_a: the student's new-class quality score (its predicted IoU), detached; 0 off the positives.
+        w = student_cls[..., new_slice].detach().sigmoid().amax(dim=-1) * pos.to(student_cls.dtype)
+    # One dense KL for every anchor; positives may also lie in the VLR (DIoU <= IoU). Masked anchors are
+    # multiplied by an exact 0, which keeps the graph to the student with a zero gradient there.
+    kl = distribution_kl(student_reg.reshape(-1, bins), teacher_reg.reshape(-1, bins), T)
+    kl_sum = kl.view(batch, num_anchors, 4).sum(-1)  # [B, A], summed over the 4 sides
+    ld = (w.to(kl_sum.dtype) * kl_sum).sum() / 4.0
+    vlr = (region.to(kl_sum.dtype) * kl_sum).sum() / 16.0
+    return {"ld": ld_weight * ld, "vlr": vlr_weight * vlr, "n_pos": pos.sum(), "n_vlr": (region > 0).sum()}
 
 
 def kd_mismatch_loss(

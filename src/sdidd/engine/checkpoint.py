@@ -1,16 +1,21 @@
-"""Checkpoints: atomic writes, weights-only loading, and checks of what a checkpoint holds."""
+"""Checkpoints: atomic writes, weights-only loading, checks of what a checkpoint holds, model and RNG state."""
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..errors import SdiddError
+
+if TYPE_CHECKING:
+    from ..model.detector import GFL
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"
@@ -134,27 +139,104 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
 # Settings that may change between a run and its resumption without changing what is trained: where things
 # are, how fast, how verbose. Epochs are checked on their own (more epochs continue a finished run).
 _RUNTIME_KEYS = frozenset({
-    "name", "data.root", "data.check", "data.on_bad_data", "model.pretrained", "train.epochs", "train.workers",
-    "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every", "train.eval_every",
-    "train.out_dir", "train.resume", "train.progress", "incremental.teacher", "incremental.start_step",
-    "incremental.epochs",
+    "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
+    "train.workers", "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every",
+    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints",
+    "incremental.teacher", "incremental.start_step", "incremental.epochs",
 })
 
 
-def _effective_settings(cfg: dict[str, Any], incremental_step: bool) -> dict[str, Any]:
+def _effective_settings(cfg: dict[str, Any], with_teacher: bool) -> dict[str, Any]:
     """Flatten a config dict to 'section.key' entries that shape the training of one step."""
+    from ..config import config_from_dict
+    from .schedule import step_schedule
     flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
-    train, inc = cfg.get("train", {}), cfg.get("incremental", {})
-    if incremental_step:  # the step runs on incremental.lr/milestones when set, else on train's
-        flat["train.lr"] = inc.get("lr") or train.get("lr")
-        flat["train.milestones"] = inc["milestones"] if inc.get("milestones") is not None else train.get("milestones")
-        flat.pop("incremental.lr", None), flat.pop("incremental.milestones", None)
-    else:  # a step without a teacher ignores the distillation and the incremental schedule
-        flat = {k: v for k, v in flat.items() if not k.startswith(("distill.", "incremental."))}
+    flat = {k: v for k, v in flat.items() if not k.startswith("incremental.")}  # the schedule below says what they change
+    if not with_teacher:  # a step without a teacher ignores the distillation
+        flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
+    try:
+        sched = step_schedule(config_from_dict(cfg), with_teacher)
+        flat["train.lr"], flat["train.milestones"] = sched.lr, list(sched.milestones)
+    except SdiddError:  # a config of another sdidd version: compare what it holds
+        pass
     return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
 
 
-def settings_changed(saved: dict[str, Any], current: dict[str, Any], incremental_step: bool) -> list[str]:
+def settings_changed(saved: dict[str, Any], current: dict[str, Any], with_teacher: bool) -> list[str]:
     """'key old (now new)' for each training setting that differs between a checkpoint's config and this run's."""
-    old, new = _effective_settings(saved, incremental_step), _effective_settings(current, incremental_step)
+    old, new = _effective_settings(saved, with_teacher), _effective_settings(current, with_teacher)
     return [f"{k} {old[k]!r} (now {new[k]!r})" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+
+
+def save_epoch(state: dict[str, Any], out_dir: Path, epoch: int, keep: int) -> Path:
+    """Write `last.pth` atomically; keep the newest `keep` epochs as `epoch_<n>.pth` (hard links, no second write)."""
+    last = out_dir / "last.pth"
+    save_checkpoint(state, last)
+    if keep > 0:
+        target = out_dir / f"epoch_{epoch}.pth"
+        target.unlink(missing_ok=True)
+        try:
+            os.link(last, target)
+        except OSError:  # a file system without hard links
+            import shutil
+            shutil.copyfile(last, target)
+    for old in sorted(out_dir.glob("epoch_*.pth"), key=_epoch_of)[: -keep or None]:
+        old.unlink(missing_ok=True)
+    return last
+
+
+def _epoch_of(path: Path) -> int:
+    m = re.fullmatch(r"epoch_(\d+)\.pth", path.name)
+    return int(m.group(1)) if m else -1
+
+
+# ---------------------------------------------------------------- model and RNG state
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Load `weights` strictly; any missing, unexpected or mis-shaped tensor is one SdiddError line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    # load_state_dict raises a multi-line RuntimeError on shape mismatches: name the first one instead.
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        first = (f", e.g. {shapes[0]} is {tuple(weights[shapes[0]].shape)} in the checkpoint, {tuple(own[shapes[0]].shape)} in the model"
+                 if shapes else f", e.g. {(missing or unexpected)[0]}")
+        raise SdiddError(f"checkpoint weights do not fit {what} (missing {len(missing)}, unexpected {len(unexpected)}, "
+                         f"mis-shaped {len(shapes)} tensors{first})")
+    model.load_state_dict(weights)
+
+
+def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> "GFL":
+    """Rebuild a detector from a checkpoint's architecture record and weights."""
+    from ..model.detector import DetectorConfig, build_detector
+    try:
+        det = DetectorConfig(**{**state["detector"], "pretrained": False})
+    except TypeError as e:  # a detector record of another sdidd version (unknown or missing fields)
+        raise SdiddError(f"checkpoint detector record does not fit this sdidd ({e})") from None
+    model = build_detector(det)
+    load_weights(model, state["model"], f"the {det.backbone} detector it describes ({det.num_classes} classes)")
+    return model.to(device)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain numbers, so weights-only loading can read it back."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved (parts a checkpoint lacks are left as they are)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

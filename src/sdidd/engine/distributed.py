@@ -8,9 +8,9 @@ lr yourself (linear rule). `train.warmup_iters` and `milestones` count the same 
 
 What a DDP run does, and why it matches a single process with `batch_size x W` up to float rounding:
 
-* Training data: every rank walks the *same* epoch permutation as the single-process sampler
-  (`data_setup.EpochShuffleSampler`), padded to a multiple of W and dealt round-robin, so global
-  batch i holds the same images as batch i of one process with `batch_size x W`.
+* Training data: torch's DistributedSampler (a single process is rank 0 of 1): every rank walks the
+  *same* seeded epoch permutation, padded to a multiple of W and dealt round-robin, so global batch i
+  holds the same images as batch i of one process with `batch_size x W` (`run_data.train_loader`).
 * Gradients are averaged over ranks by DDP; the GFL normalisers (positives, summed positive scores)
   are all-reduced in `gfl_loss`, so the averaged gradient is the one-process gradient. Every trainable
   parameter reaches the loss in every step, hence find_unused_parameters=False.
@@ -20,8 +20,9 @@ What a DDP run does, and why it matches a single process with `batch_size x W` u
   to the largest of the rank's batch rather than of the global batch, the ranks' gradients are summed in
   another order, and the distillation terms of incremental steps are normalised per rank. With one
   train size and flip=0 on equal-size images (tests/test_distributed.py) only the rounding remains.
-* Evaluation: rank r detects images r, r + W, r + 2W, ... (each test image exactly once, no padding);
-  `gather_dict` unites the detections, then every rank runs pycocotools on all of them.
+* Evaluation: rank r detects images r, r + W, r + 2W, ... (DistributedSampler without shuffling; its
+  padding repeats an image, which the gather by image id absorbs); `gather_dict` unites the
+  detections, then every rank runs pycocotools on all of them.
 * Only rank 0 prints results and writes logs, metrics, plots and checkpoints (`is_main`), from the unwrapped
   model (no `module.` prefix); the other ranks wait at a `barrier` until it has written them. Logged
   losses are the mean over ranks (`reduce_log`). Resume: every rank loads the same last.pth.
@@ -31,13 +32,11 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch.utils.data import Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 
 def is_dist() -> bool:
@@ -102,53 +101,6 @@ def rank_seed_offset() -> int:
     return 1_000_003 * rank()
 
 
-class _ShardedEpochSampler(DistributedSampler):
-    """Shards the single-process epoch permutation (same seed, same order), so DDP sees the same global batches."""
-
-    def __iter__(self) -> Iterator[int]:
-        from .data_setup import EpochShuffleSampler  # local import: data_setup imports the data stack
-
-        base = EpochShuffleSampler(len(self.dataset), self.seed)  # type: ignore[arg-type]
-        base.set_epoch(self.epoch)
-        indices = list(base)
-        pad = self.total_size - len(indices)
-        if pad > 0:  # repeat from the start so every rank gets the same number of samples
-            indices += (indices * (pad // len(indices) + 1))[:pad]
-        else:
-            indices = indices[: self.total_size]
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
-
-
-def train_sampler(dataset: Dataset, seed: int) -> Optional[Sampler]:
-    """A DistributedSampler under torchrun, else None (the caller's own sampler)."""
-    if not is_dist():
-        return None
-    return _ShardedEpochSampler(dataset, shuffle=True, seed=seed, drop_last=False)
-
-
-class _Shard(Sampler[int]):
-    """Indices rank, rank + W, rank + 2W, ... of a dataset (ordered, unpadded)."""
-
-    def __init__(self, n: int, r: int, w: int) -> None:
-        self.indices = list(range(r, n, w))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        """No-op: evaluation order never changes."""
-
-
-def eval_sampler(dataset: Dataset) -> Optional[Sampler]:
-    """Each rank evaluates a disjoint, ordered shard; together they cover every image exactly once."""
-    if not is_dist():
-        return None
-    return _Shard(len(dataset), rank(), world_size())  # type: ignore[arg-type]
-
-
 def gather_dict(d: dict[Any, Any]) -> dict[Any, Any]:
     """Union of every rank's dict (detections by image id)."""
     if not is_dist():
@@ -161,16 +113,21 @@ def gather_dict(d: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
-def reduce_log(parts: dict[str, Any]) -> dict[str, Any]:
-    """Mean over ranks of the logged values (sum for counts named 'n_*'); every rank must call it."""
-    if not is_dist() or not parts:
-        return parts
+def reduce_log(parts: dict[str, Any]) -> dict[str, float]:
+    """Logged values as floats in one device-to-host copy: the mean over ranks (sum for counts 'n_*'); every rank must call it."""
+    if not parts:
+        return {}
     keys = list(parts)
-    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
-    vals = torch.tensor([float(parts[k]) for k in keys], dtype=torch.float64, device=dev)
-    tdist.all_reduce(vals)
+    dev = next((v.device for v in parts.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    vals = torch.stack([torch.as_tensor(parts[k]).detach().to(dev, torch.float64).reshape(()) for k in keys])
+    if is_dist():
+        if tdist.get_backend() == "nccl":
+            vals = vals.to(torch.device("cuda", torch.cuda.current_device()))
+        else:
+            vals = vals.cpu()
+        tdist.all_reduce(vals)
     w = world_size()
-    return {k: (float(v) if k.startswith("n_") else float(v) / w) for k, v in zip(keys, vals.tolist())}
+    return {k: (v if k.startswith("n_") else v / w) for k, v in zip(keys, vals.tolist())}
 
 
 def any_rank(flag: torch.Tensor) -> bool:

@@ -1,4 +1,11 @@
-"""The training objective of a step: GFL on the labelled channels plus the method's distillation terms."""
+"""The training objective of a step: GFL on the trained channels plus the method's distillation terms.
+
+One label space: labels are model-channel indices (old classes first); ``trained`` [C] says which
+channels get GT (QFL) supervision. ATSS runs once per step (:func:`assign_targets`) and its
+Assignment feeds GFL, DSCRD and IDFD. The loss path has no host syncs except ERD-box's NMS (one
+``nonzero`` + one ``batched_nms`` over the batch, see ``distill/erd_box.py``); every count and log
+entry is a detached 0-dim tensor.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,57 +19,57 @@ from ..model.detector import DenseOutput
 from ..model.gfl_loss import assign_targets, gfl_loss
 
 
-def step_loss(
-    student: DenseOutput,
-    teacher: Optional[DenseOutput],
-    gt_boxes: list[Tensor],
-    gt_labels: list[Tensor],
-    num_old: int,
-    loss_cfg: LossConfig,
-    qfl_weight: float,
-    distill: Optional[DistillConfig],
-) -> tuple[Tensor, dict[str, Tensor | float]]:
-    """Total loss and a log dict of its parts (detached tensors: no sync per step) and selection sizes.
+def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Tensor, gt_labels: Tensor,
+              image_sizes: Tensor, trained: Tensor, loss_cfg: LossConfig, qfl_weight: float,
+              distill: Optional[DistillConfig]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss and a log dict of detached 0-dim tensors: 'loss', 'loss_<part>' per term and the 'n_*' counts.
 
-    `gt_labels` index the trained channels `num_old:` (old channels get no GT supervision, METHOD §2.4).
+    gt_boxes [B, G, 4] xyxy input pixels and gt_labels [B, G] (model channels, -1 = padding) are the
+    step's GTs (the new classes in an incremental step); image_sizes [B, 2] (h, w) locate each image in
+    the padded canvas. Distillation runs when both `teacher` and `distill` are given; the old classes
+    are the teacher's channels, the new ones the student's channels from there on.
     """
     grid = student.grid
-    targets = assign_targets(grid, gt_boxes, gt_labels)
-    parts = gfl_loss(student.cls[..., num_old:], student.reg, grid, targets, qfl_weight, loss_cfg.giou, loss_cfg.dfl)
+    asg = assign_targets(grid, gt_boxes, gt_labels)
+    parts = gfl_loss(student.cls, student.reg, grid, asg, trained, qfl_weight, loss_cfg.giou, loss_cfg.dfl)
     losses: dict[str, Tensor] = {k: v for k, v in parts.items() if k != "num_pos"}
-    counts: dict[str, float] = {"n_pos": float(parts["num_pos"])}
+    counts: dict[str, Tensor] = {"n_pos": parts["num_pos"]}
 
     if teacher is not None and distill is not None:
         s_cls, s_reg = student.cls.float(), student.reg.float()
         t_cls, t_reg = teacher.cls.float(), teacher.reg.float()
+        num_old = t_cls.shape[-1]
         new_slice = slice(num_old, s_cls.shape[-1])
+        # mu+2sigma statistics only over anchors inside each unpadded image (padding is not image content).
+        valid = grid.valid_mask(image_sizes)
         # Batch-summed terms are put on the release's per-batch-of-2 scale (see DistillConfig.release_batch).
         per_batch = distill.release_batch / s_cls.shape[0] if distill.release_batch else 1.0
         if distill.hccd:
-            losses["hccd"], n = hccd_loss(s_cls, t_cls, weight=distill.hccd_weight * per_batch, min_score=distill.hccd_min_score)
-            counts["n_hccd"] = float(n)
+            losses["hccd"], counts["n_hccd"] = hccd_loss(
+                s_cls, t_cls, weight=distill.hccd_weight * per_batch, min_score=distill.hccd_min_score or 0.0, valid=valid
+            )
         if distill.erd_box:
-            losses["erd_box"], n = erd_box_loss(
+            losses["erd_box"], counts["n_erd_box"] = erd_box_loss(
                 s_cls, s_reg, t_cls, t_reg, grid.points, grid.strides, nms_iou=distill.erd_box_nms_iou,
-                T=distill.temperature, weight=distill.erd_box_weight * per_batch, scale_by_stride=distill.erd_box_stride_fix,
+                T=distill.temperature, weight=distill.erd_box_weight * per_batch,
+                scale_by_stride=distill.erd_box_stride_fix, valid=valid,
             )
-            counts["n_erd_box"] = float(n)
         if distill.dscrd:
-            r = dscrd_loss(s_cls, s_reg, t_reg, grid.boxes, grid.num_per_level, gt_boxes, new_slice,
-                           T=distill.temperature, ld_weight=distill.ld_weight * per_batch, vlr_weight=distill.vlr_weight * per_batch)
+            r = dscrd_loss(s_cls, s_reg, t_reg, asg, new_slice, T=distill.temperature,
+                           ld_weight=distill.ld_weight * per_batch, vlr_weight=distill.vlr_weight * per_batch)
             losses["ld"], losses["vlr"] = r["ld"], r["vlr"]
-            counts["n_ld"], counts["n_vlr"] = float(r["n_pos"]), float(r["n_vlr"])
+            counts["n_ld"], counts["n_vlr"] = r["n_pos"], r["n_vlr"]
         if distill.idfd:
-            losses["idfd"], n = idfd_loss(
-                student.feats, teacher.feats, grid.boxes, grid.num_per_level, gt_boxes, ratio=distill.idfd_ratio,
-                weight=distill.idfd_weight, zero_levels_without_positives=distill.idfd_zero_levels_without_positives,
-                pos_masks=targets.pos_mask, normalize=distill.idfd_normalize,
+            losses["idfd"], counts["n_idfd"] = idfd_loss(
+                student.feats, teacher.feats, asg, ratio=distill.idfd_ratio, weight=distill.idfd_weight,
+                zero_levels_without_positives=distill.idfd_zero_levels_without_positives,
+                normalize=distill.idfd_normalize,
             )
-            counts["n_idfd"] = float(n)
         if distill.kd_mismatch:
-            losses["kd"] = kd_mismatch_loss(s_cls, t_cls, targets.pos_mask, new_slice, weight=distill.kd_weight)
+            losses["kd"] = kd_mismatch_loss(s_cls, t_cls, asg.pos_mask, new_slice, weight=distill.kd_weight,
+                                            num_per_level=grid.num_per_level)
     total = torch.stack([v.float() for v in losses.values()]).sum()
-    log: dict[str, Tensor | float] = {"loss": total.detach()}
-    log.update({f"loss_{k}": v.detach() for k, v in losses.items()})
-    log.update(counts)
+    log: dict[str, Tensor] = {"loss": total.detach()}
+    log.update({f"loss_{k}": v.detach().float() for k, v in losses.items()})
+    log.update({k: v.detach().float() for k, v in counts.items()})
     return total, log

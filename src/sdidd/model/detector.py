@@ -108,12 +108,14 @@ class GFL(nn.Module):
         return results
 
     @torch.no_grad()
-    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], scales: list[float] | None = None, **kw) -> list[dict[str, Tensor]]:
-        """Detect on a padded batch; boxes are mapped back to original pixels when `scales` is given."""
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                scales: list[float | tuple[float, float]] | None = None, **kw) -> list[dict[str, Tensor]]:
+        """Detect on a padded batch; boxes are mapped back to original pixels when `scales` ((sx, sy) or one float) is given."""
         results = self.postprocess(self(images), image_sizes, **kw)
         if scales is not None:
             for r, s in zip(results, scales):
-                r["boxes"] = r["boxes"] / s
+                sx, sy = (s, s) if isinstance(s, (int, float)) else s
+                r["boxes"] = r["boxes"] / r["boxes"].new_tensor([sx, sy, sx, sy])
         return results
 
 

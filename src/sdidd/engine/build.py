@@ -1,0 +1,170 @@
+"""Everything a step needs before its first iteration: data views, models, optimiser, schedule, resumed state."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import Config, DistillConfig, qfl_weight, resolved_distill
+from ..data import DetectionDataset
+from ..device import select_device
+from ..errors import SdiddError
+from ..model.detector import GFL, DetectorConfig, build_detector
+from . import distributed as dist
+from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
+from .incremental import extend_student, freeze_teacher
+from .run_data import RunData, channel_view, train_loader
+from .schedule import Schedule, step_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepSpec:
+    """What one step trains: the classes of its head (channel order) and the ones labelled in its data."""
+
+    classes: list[str]  # every class the model knows after this step, in channel order
+    new_classes: list[str]  # the classes whose boxes this step's training images carry (trained channels)
+    method: str = "joint"  # base/joint (plain GFL), finetune, erd, sdidd
+    step: int = 0
+
+    @property
+    def num_old(self) -> int:
+        """Channels kept from the teacher (0 for a base or joint step)."""
+        return len(self.classes) - len(self.new_classes)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """Channel groups reported by the evaluation: all, and old/new for a step with old classes."""
+        groups = {"all": list(range(len(self.classes)))}
+        if self.num_old:
+            groups["old"] = list(range(self.num_old))
+            groups["new"] = list(range(self.num_old, len(self.classes)))
+        return groups
+
+
+@dataclass
+class Step:
+    """The state of one step's training, built once by :func:`build_step` and advanced by `train_one_epoch`."""
+
+    cfg: Config
+    spec: StepSpec
+    out_dir: Path
+    device: torch.device
+    model: GFL  # the student, unwrapped (evaluation, checkpoints)
+    ddp_model: nn.Module  # what the loop calls (DDP-wrapped under torchrun)
+    teacher: Optional[GFL]  # None when no distillation term reads it (finetune skips the teacher's forward)
+    distill: Optional[DistillConfig]
+    qfl_weight: float
+    trained: torch.Tensor  # [C] bool: the channels that get ground-truth supervision
+    loader: DataLoader
+    test_set: DetectionDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
+    start_epoch: int = 0
+    iteration: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    stored_metrics: Optional[dict[str, Any]] = None  # set when resuming a finished step
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def detector_config(cfg: Config, num_classes: int) -> DetectorConfig:
+    """Architecture from the run config."""
+    m = cfg.model
+    return DetectorConfig(num_classes=num_classes, backbone=m.backbone, pretrained=m.pretrained, fpn_channels=m.fpn_channels,
+                          head_channels=m.head_channels, head_convs=m.head_convs, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
+
+
+def _uses_teacher(d: DistillConfig) -> bool:
+    return bool(d.hccd or d.erd_box or d.dscrd or d.idfd or d.kd_mismatch)
+
+
+def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teacher: Optional[GFL]) -> Step:
+    """Data views in the step's channel order, student (fresh or extended from `teacher`), optimiser, and resume."""
+    t = cfg.train
+    device = select_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed + 1000 * spec.step, t.deterministic)
+    if teacher is None and spec.num_old > 0:
+        raise SdiddError(f"step {spec.step} ({spec.method}) has old classes {spec.classes[:spec.num_old]} but no teacher")
+    method = spec.method if spec.method in ("finetune", "erd", "sdidd") else "joint"
+
+    # Labels become model channels here, once: training keeps only the boxes of the trained classes.
+    train_set = channel_view(data.train, spec.classes, keep=spec.new_classes)
+    test_set = channel_view(data.test, spec.classes, keep_empty=True)
+    if len(train_set) == 0:
+        raise SdiddError(f"no training image holds a box of {spec.new_classes}")
+    loader = train_loader(train_set, cfg.data, t.batch_size, t.workers, t.seed + spec.step)
+
+    distill = resolved_distill(cfg, method) if teacher is not None else None
+    if teacher is not None:
+        teacher = freeze_teacher(teacher.to(device))
+        model = extend_student(teacher, len(spec.classes), cfg.incremental.new_class_init).to(device)
+    else:
+        model = build_detector(detector_config(cfg, len(spec.classes))).to(device)
+    trained = torch.zeros(len(spec.classes), dtype=torch.bool, device=device)
+    trained[spec.num_old:] = True
+    schedule = step_schedule(cfg, teacher is not None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    iters_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.factor(it, iters_per_epoch))
+
+    step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and _uses_teacher(distill) else None,
+                distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
+                stats={"train_seconds": 0.0, "train_images": 0.0})
+    if t.resume and (step.out_dir / "last.pth").is_file():
+        _resume(step, teacher is not None)
+    # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).
+    step.ddp_model = dist.wrap(model, device)
+    if dist.is_dist():
+        log.info(f"DDP: {dist.world_size()} ranks x train.batch_size {t.batch_size} = global batch {t.batch_size * dist.world_size()}, "
+                 f"{iters_per_epoch} iterations/epoch, lr {schedule.lr} (not scaled)")
+    return step
+
+
+def _resume(step: Step, with_teacher: bool) -> None:
+    """Load last.pth into `step` after checking it belongs to the same experiment."""
+    last = step.out_dir / "last.pth"
+    cfg, spec = step.cfg, step.spec
+    state = load_checkpoint(last, map_location=step.device)
+    check_fits(state, last, "resume", spec.classes, cfg.model.backbone, spec.step, hint="use another train.out_dir or train.resume=false")
+    load_weights(step.model, state["model"], f"the model of this config ({cfg.model.backbone}); use another train.out_dir or train.resume=false")
+    # Resuming under other settings would silently mix two experiments (or reuse a finished one as this one's result).
+    changed = settings_changed(state.get("config", {}), cfg.to_dict(), with_teacher)
+    if int(state.get("epoch", 0)) > step.schedule.epochs:
+        changed.insert(0, f"{state['epoch']} epochs trained (now {step.schedule.epochs})")
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise SdiddError(f"{last}: cannot resume, it was trained with other settings: {'; '.join(changed[:4])}{more}; "
+                         f"use another train.out_dir (benchmark: --out), restore the settings, or delete the folder to start over")
+    try:
+        step.optimizer.load_state_dict(state["optimizer"])
+        step.scheduler.load_state_dict(state["scheduler"])
+        step.start_epoch, step.iteration = int(state["epoch"]), int(state["iteration"])
+        # Epochs reseed data order and augmentation themselves; this restores anything else drawn between epochs.
+        set_rng_state(state.get("rng", {}))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise SdiddError(f"{last}: cannot resume, its optimizer/scheduler/RNG state does not fit this run ({type(e).__name__}: {e})") from None
+    step.stats.update({k: float(v) for k, v in state.get("stats", {}).items()})
+    log.info(f"resumed {last} at epoch {step.start_epoch}/{step.schedule.epochs}")
+    if step.start_epoch >= step.schedule.epochs and "metrics" in state:
+        step.stored_metrics = state["metrics"]

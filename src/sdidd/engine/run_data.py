@@ -1,0 +1,135 @@
+"""The data of a run: each split parsed, checked and decoded once, then viewed per step in model-channel labels.
+
+A run (`train`, `incremental`, `benchmark`) calls :func:`load_run_data` once. Every step then takes a
+:func:`channel_view` of the same records: labels become the step's model channels (old classes first),
+which is what the loss and the metric read; nothing later re-indexes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import DataConfig
+from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, build_dataset, collate
+from ..data.check import check_images
+from ..errors import SdiddError
+from . import distributed as dist
+
+log = logging.getLogger(__name__)
+
+_BAD_DATA_HINT = "; run `sdidd check-data` for the full list, or set data.on_bad_data=skip"
+
+
+@dataclass
+class RunData:
+    """Both splits of the configured dataset, with dataset labels (class order of `classes`)."""
+
+    classes: list[str]
+    train: DetectionDataset
+    test: DetectionDataset
+
+
+def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
+    """Parse one split of the configured dataset (annotations only; dataset labels)."""
+    if cfg.dataset == "synthetic":
+        n = cfg.num_train_images if split == "train" else cfg.num_test_images
+        return build_dataset("synthetic", split, num_images=n, image_size=max(cfg.train_sizes + [cfg.test_size]), seed=cfg.seed)
+    # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
+    problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
+    if cfg.dataset == "coco":
+        ann = cfg.train_ann if split == cfg.train_split else cfg.test_ann
+        if not cfg.images_dir or not ann:
+            raise SdiddError("config keys 'data.images_dir', 'data.train_ann' and 'data.test_ann' are needed for a coco dataset")
+        ds = build_dataset("coco", split, images_dir=cfg.images_dir, ann_file=ann, problems=problems)
+    else:
+        ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
+    if problems.counts:
+        log.warning(f"warning: {split}: skipped annotation problems (data.on_bad_data=skip): "
+                    + "; ".join(f"{k} x{n} (e.g. {problems.examples[k][0]})" for k, n in problems.counts.items()))
+    return ds
+
+
+def decode_once(dataset: DetectionDataset, cfg: DataConfig) -> DetectionDataset:
+    """Decode every image once: refuse (or skip, by data.on_bad_data) bad ones, and keep the pixels if they fit.
+
+    The pixels stay in memory when the split's decoded size is within `data.cache_gb`; loader workers
+    started afterwards share them. Generated data (synthetic) is in memory already and is not checked.
+    """
+    if cfg.dataset == "synthetic":
+        return dataset
+    decoded_bytes = sum(3 * r.width * r.height for r in dataset.records)
+    keep = decoded_bytes <= cfg.cache_gb * 2**30
+    if not cfg.check and not keep:
+        return dataset
+    problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
+    pixels, bad = check_images(dataset, problems, keep_pixels=keep, duplicates=False)
+    if bad:  # only reached with data.on_bad_data=skip: strict problems raise on the first one
+        first = next(iter(problems.examples.values()))[0]
+        log.warning(f"warning: skipping {len(bad)} unreadable or mis-sized images (data.on_bad_data=skip), e.g. {first}")
+        dataset = dataset.with_records([r for r in dataset.records if r.image_id not in bad])
+    dataset.pixels = pixels
+    return dataset
+
+
+def load_run_data(cfg: DataConfig) -> RunData:
+    """Parse, check and (memory permitting) decode both splits once for a whole run."""
+    train = decode_once(load_split(cfg, cfg.train_split), cfg)
+    # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
+    test = decode_once(load_split(cfg, cfg.test_split), cfg)
+    return RunData(list(train.classes), train, test)
+
+
+def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str] | None = None,
+                 keep_empty: bool = False) -> DetectionDataset:
+    """The boxes of classes `keep` (default: all of `channels`) labelled with their model channel = index in `channels`.
+
+    Images without such a box are dropped unless `keep_empty` (test sets keep every image).
+    """
+    unknown = [c for c in channels if c not in dataset.classes]
+    if unknown:
+        raise SdiddError(f"class {unknown[0]!r} is not in the dataset (classes: {', '.join(dataset.classes)})")
+    kept = set(channels if keep is None else keep)
+    lut = np.full(len(dataset.classes), -1, dtype=np.int64)
+    for i, c in enumerate(channels):
+        if c in kept:
+            lut[dataset.classes.index(c)] = i
+    records = []
+    for r in dataset.records:
+        new = lut[r.labels] if len(r.labels) else r.labels
+        m = new >= 0
+        if m.any() or keep_empty:
+            records.append(dataclasses.replace(r, boxes=r.boxes[m], labels=new[m]))
+    out = dataset.with_records(records)
+    out.classes = list(channels)
+    return out
+
+
+def default_workers(cached: bool) -> int:
+    """Loader processes when train.workers is unset: none when pixels are in memory (resizing is cheap), else half the cores."""
+    return 0 if cached else max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def train_loader(dataset: DetectionDataset, cfg: DataConfig, batch_size: int, workers: int | None, seed: int) -> DataLoader:
+    """Shuffled (DistributedSampler: one process is rank 0 of 1), multi-scale + flip augmented, padded batches."""
+    dataset.transform = TrainTransform(cfg.train_sizes, cfg.max_size, cfg.flip)
+    # Under torchrun every rank walks the same seeded permutation, dealt round-robin, so W ranks x batch b see
+    # the images one process sees with batch W x b; set_epoch reseeds it, so a resumed run has the same order.
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
+    n = len(sampler)
+    workers = default_workers(dataset.in_memory) if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      drop_last=n >= 2 * batch_size, pin_memory=torch.cuda.is_available())
+
+
+def test_loader(dataset: DetectionDataset, cfg: DataConfig, batch_size: int, workers: int | None) -> DataLoader:
+    """Ordered, single-scale batches; under torchrun each rank takes every W-th image."""
+    dataset.transform = EvalTransform(cfg.test_size, cfg.max_size)
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=False)
+    workers = default_workers(dataset.in_memory) if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate)
