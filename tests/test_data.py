@@ -233,8 +233,10 @@ def test_channel_view_labels_boxes_with_their_model_channel(syn_train: Detection
     for r, o in zip(swapped.records, syn_train.records):
         m = np.isin(o.labels, [3, 1])
         np.testing.assert_array_equal(r.labels, np.where(o.labels[m] == 3, 0, 1))
+    # A channel the dataset lacks has no boxes (an old class in a new-class dataset); training it is an error.
+    assert len(channel_view(syn_train, ["dent", "crack"], keep_empty=True).records) == len(syn_train)
     with pytest.raises(SdiddError, match="'dent' is not in the dataset"):
-        channel_view(syn_train, ["crack", "dent"])
+        channel_view(syn_train, ["crack", "dent"], keep=["dent"])
 
 
 def test_summary_and_record_types() -> None:

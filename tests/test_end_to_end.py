@@ -1,6 +1,5 @@
 """End to end on the built-in synthetic data: learning happens, and a 2-step incremental run works."""
 import csv
-import math
 
 import pytest
 import torch
@@ -19,41 +18,52 @@ def tiny_cfg(tmp_path, **sections):
                  "test_size": 128, "max_size": 128, "flip": 0.0, "check": False},
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": True, "fpn_channels": 64, "head_channels": 64, "head_convs": 2},
         "train": {"epochs": 30, "batch_size": 4, "lr": 0.02, "warmup_iters": 10, "milestones": [25], "workers": 0,
-                  "device": "cpu", "progress": False, "out_dir": str(tmp_path / "run"), "log_every": 1},
+                  "device": "cpu", "progress": False, "out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 1},
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
     return config_from_dict(base)
 
 
-@pytest.mark.slow
-def test_tiny_overfit_reaches_high_ap(tmp_path):
-    """8 training images, evaluated on themselves: a working detector must nearly memorise them."""
-    cfg = tiny_cfg(tmp_path, data={"test_split": "train"},
+@pytest.fixture(scope="module")
+def memorised_teacher(tmp_path_factory):
+    """A 2-class model (scratch, patch) trained on 8 images, evaluated on the same images."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_cfg(out, data={"test_split": "train", "classes": ["scratch", "patch"]},
                    train={"epochs": 60, "milestones": [50], "lr": 0.01, "grad_clip": 35.0})
-    result = run_train(cfg)
-    # Measured (seeds 0-2, 1 and 2 threads): mAP50 83.4-91.6, scratch/patch/crack 100 AP50; the 3 tiny spots
-    # (7-16 px, two inside a crack box) stay hard. lr 0.02 / 50 epochs was seed-fragile (patch 18-100).
-    assert result.metrics.map50 >= 75.0, result.metrics
-    assert sum(v["ap50"] >= 90.0 for v in result.metrics.per_class.values()) >= 3, result.metrics.per_class
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
-    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    assert (tmp_path / "run" / "last.pth").is_file() and (tmp_path / "run" / "metrics.json").is_file()
+    return run_train(cfg), out
 
 
 @pytest.mark.slow
-def test_two_step_incremental_run_completes(tmp_path):
-    cfg = tiny_cfg(tmp_path, data={"num_train_images": 16, "num_test_images": 8, "train_sizes": [96], "test_size": 96, "max_size": 96},
-                   model={"pretrained": False, "fpn_channels": 32, "head_channels": 32, "head_convs": 1},
-                   train={"epochs": 1, "milestones": []}, incremental={"protocol": "2+2", "method": "sdidd"})
-    results = run_incremental(cfg)
-    assert len(results) == 2
-    final = results[-1]
-    assert list(final.metrics.per_class) == ["scratch", "spot", "patch", "crack"]
-    assert set(final.metrics.groups) >= {"old", "new", "all"}
-    header = next(csv.reader(open(tmp_path / "run" / "step1_sdidd" / "log.csv")))
-    for col in ("loss_hccd", "loss_erd_box", "loss_ld", "loss_vlr", "loss_idfd", "n_hccd", "n_ld", "n_idfd"):
-        assert col in header
+def test_tiny_overfit_reaches_high_ap(memorised_teacher):
+    """8 training images, evaluated on themselves: a working detector must nearly memorise them."""
+    result, out = memorised_teacher
+    # Measured (seeds 0-2): scratch 100 / patch 90.4, 96.7, 88.6 AP50.
+    assert result.metrics.map50 >= 85.0, result.metrics
+    assert all(v["ap50"] >= 80.0 for v in result.metrics.per_class.values()), result.metrics.per_class
+    rows = list(csv.DictReader(open(out / "run" / "log.csv")))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert (out / "run" / "last.pth").is_file() and (out / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_distillation_keeps_old_classes_that_finetuning_forgets(memorised_teacher, tmp_path):
+    """From the same teacher and schedule, SD-IDD keeps more of the old classes than fine-tuning.
+
+    The new-class images (spot, crack) also show old defects, trained as background: fine-tuning
+    forgets them. Measured (seeds 0-2, 40 epochs at lr 0.003): old mAP50 fine-tune 76.1 / 54.7 / 78.0,
+    SD-IDD 87.9 / 91.4 / 81.8. Without working distillation the two runs are the same method.
+    """
+    result, _ = memorised_teacher
+    old = {}
+    for method in ("finetune", "sdidd"):
+        cfg = tiny_cfg(tmp_path / method, data={"test_split": "train"}, train={"grad_clip": 35.0},
+                       incremental={"groups": [["scratch", "patch"], ["spot", "crack"]], "method": method,
+                                    "teacher": str(result.checkpoint), "epochs": 40, "lr": 0.003, "milestones": []})
+        final = run_incremental(cfg)[-1]
+        assert list(final.metrics.per_class) == ["scratch", "patch", "spot", "crack"]
+        old[method] = final.metrics.groups["old"]
+    assert old["sdidd"] > old["finetune"] + 2.0, old
 
 
 def test_distillation_is_zero_when_student_equals_teacher():

@@ -19,6 +19,7 @@ from .config import protocol_groups
 from .engine.build import StepSpec
 from .engine.protocol import run_steps, step_specs
 from .engine.run_data import RunData, channel_view, load_run_data
+from .engine.schedule import step_schedule
 from .engine.trainer import StepResult, train_step
 from .errors import SdiddError
 
@@ -92,6 +93,7 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     all_classes = [c for g in groups for c in g]
     num_old = len(all_classes) - len(groups[-1])
 
+    base_sched, inc_sched = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
     base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
     teacher_res = train_step(cfg, base_spec, out_dir / "teacher", data)
     report: dict[str, Any] = {
@@ -99,9 +101,9 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
         "date": _dt.date.today().isoformat(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "classes_old": all_classes[:num_old], "classes_new": all_classes[num_old:],
         "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
-                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": cfg.train.epochs,
-                     "incremental_epochs": cfg.incremental.epochs or cfg.train.epochs, "batch_size": cfg.train.batch_size,
-                     "lr": cfg.train.lr, "incremental_lr": cfg.incremental.lr or cfg.train.lr},
+                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base_sched.epochs,
+                     "incremental_epochs": inc_sched.epochs, "batch_size": cfg.train.batch_size,
+                     "lr": base_sched.lr, "incremental_lr": inc_sched.lr},
         "methods": {},
     }
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}

@@ -11,7 +11,7 @@ from typing import Optional
 from .errors import SdiddError
 
 if typing.TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, DataConfig
 
 
 def _run_config(a: argparse.Namespace) -> "Config":
@@ -79,8 +79,37 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_classes(a: argparse.Namespace) -> int:
+    from .config import config_from_dict, merge_dicts, parse_overrides
+    from .data.description import load_description
+    from .engine import distributed as dist
+    from .engine.add_classes import run_add_classes
+    from .engine.checkpoint import load_checkpoint
+    state = load_checkpoint(a.teacher)
+    # The teacher's own recipe (sizes, schedule, distillation) with the new dataset in place of its data.
+    base = dict(state.get("config", {}))
+    data = {k: v for k, v in (base.get("data") or {}).items() if k in ("train_sizes", "test_size", "max_size", "flip", "on_bad_data",
+                                                                      "check", "cache_gb")}
+    overrides = parse_overrides(a.overrides)
+    out = a.out or overrides.get("train", {}).get("out_dir") or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
+    base = merge_dicts({**base, "data": {**data, **load_description(a.data)}}, overrides)
+    base["train"] = {**(base.get("train") or {}), "out_dir": out}
+    base["incremental"] = {**(base.get("incremental") or {}), "teacher": None, "start_step": None}
+    cfg = config_from_dict(base)
+    dist.init_from_env(cfg.train.device)
+    cfg.train.device = dist.device_for_rank(cfg.train.device)
+
+    def described(path: Optional[str]) -> Optional["DataConfig"]:
+        return None if path is None else config_from_dict({"data": {**data, **load_description(path)}}).data
+    run_add_classes(a.teacher, cfg, cfg.train.out_dir, a.method, test=described(a.test), old_test=described(a.old_test))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import export_defects, run_demo
+    if a.export:
+        export_defects(a.export)
+        return 0
     run_demo(out_dir=a.out, quick=a.quick, threads=a.threads)
     return 0
 
@@ -108,12 +137,8 @@ def _profile_config(dataset: str, profile: str) -> str:
     name = {"neu-det": "neu_det", "deeppcb": "deeppcb", "synthetic": "synthetic"}.get(dataset)
     if name is None:
         raise SdiddError(f"benchmark --dataset {dataset}: give --config for a custom dataset")
-    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}_{profile}.yaml"
-    if not path.is_file():
-        path = Path("configs") / f"{name}_{profile}.yaml"
-    if not path.is_file():
-        raise SdiddError(f"{path}: no config for dataset {dataset} profile {profile}; pass --config")
-    return str(path)
+    from .config import packaged_config
+    return str(packaged_config(f"{name}_{profile}"))
 
 
 def _cmd_check_data(a: argparse.Namespace) -> int:
@@ -179,9 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="JSON path (default: eval.json beside the checkpoint)")
     s.set_defaults(fn=_cmd_eval)
 
+    s = sub.add_parser("add-classes", help="add the classes of a new dataset (new-class labels only) to a trained model")
+    s.add_argument("teacher", help="checkpoint of the deployed model (last.pth)")
+    s.add_argument("data", help="dataset description (.yaml) of the new-class images")
+    s.add_argument("--method", default="sdidd", choices=["sdidd", "erd", "finetune"])
+    s.add_argument("--test", help="dataset description whose test split is labelled with every class")
+    s.add_argument("--old-test", help="dataset description whose test split is labelled with the old classes")
+    s.add_argument("--out", help="run folder (default: runs/add_classes/<data folder>_<method>)")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. incremental.epochs=24")
+    s.set_defaults(fn=_cmd_add_classes)
+
     s = sub.add_parser("demo", help="the incremental story on the built-in synthetic data (CPU, offline)")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
+    s.add_argument("--export", metavar="DIR", help="write the built-in defects as datasets (base/, new/, all_test/) and stop")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=_cmd_demo)
 
@@ -245,7 +281,14 @@ def setup_logging() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors print one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`add-classes T D --out X train.epochs=2`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging()
     try:
         return int(args.fn(args) or 0)

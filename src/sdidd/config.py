@@ -30,9 +30,11 @@ class DataConfig:
     num_train_images: Optional[int] = None  # synthetic only
     num_test_images: Optional[int] = None  # synthetic only
     seed: int = 0  # synthetic only
-    images_dir: Optional[str] = None  # coco only
+    images_dir: Optional[str] = None  # coco only: image folder (of the test split too, unless test_images_dir)
+    test_images_dir: Optional[str] = None  # coco only: image folder of the test split
     train_ann: Optional[str] = None  # coco only
-    test_ann: Optional[str] = None  # coco only
+    test_ann: Optional[str] = None  # coco only (None: no test split)
+    names: Optional[list[str]] = None  # the class names the annotations must hold, in order (from a description file)
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
     check: bool = True  # decode and check every image before training
     cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)
@@ -295,11 +297,25 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the recipes shipped inside the package
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a recipe shipped with sdidd (`neu_det_quick`, `synthetic_quick`, ...); SdiddError naming the known ones."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise SdiddError(f"no packaged config {name!r} (known: {known}); pass a config file instead")
+    return path
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults when path is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and p.suffix == "" and p.name == str(path):  # a recipe shipped with sdidd, by name
+            p = packaged_config(str(path))
         if not p.is_file():
             raise SdiddError(f"{p}: config file not found")
         try:
@@ -310,8 +326,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SdiddError(f"{p}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
-    data = merge_dicts(data, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    if isinstance(extra.get("data"), str):  # data=FILE: a dataset description replaces the recipe's dataset keys
+        from .data.description import load_description
+        described = load_description(extra.pop("data"))
+        kept = {k: v for k, v in (data.get("data") or {}).items() if k not in _DATASET_KEYS}
+        data = {**data, "data": {**kept, **described}}
+    data = merge_dicts(data, extra)
     return config_from_dict(data)
+
+
+# The keys that say which dataset a run reads (as opposed to how its images are sized and checked).
+_DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_train_images", "num_test_images",
+                 "images_dir", "test_images_dir", "train_ann", "test_ann", "names")
 
 
 def validate(cfg: Config) -> None:

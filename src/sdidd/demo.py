@@ -7,24 +7,19 @@ fine-tuning (forgets) and SD-IDD (remembers), from the same teacher. ERD joins t
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Optional
 
-from .config import config_from_dict, merge_dicts
+import numpy as np
+import yaml
+
+from .config import config_from_dict, merge_dicts, packaged_config
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = {
-    "name": "demo",
-    "data": {"dataset": "synthetic", "train_sizes": [160], "test_size": 160, "max_size": 160,
-             "num_train_images": 240, "num_test_images": 80, "check": False},
-    "model": {"backbone": "tf_efficientnet_lite0", "pretrained": True, "fpn_channels": 64, "head_channels": 64, "head_convs": 2},
-    "train": {"epochs": 12, "batch_size": 8, "lr": 0.02, "warmup_iters": 50, "milestones": [9, 11],
-              "log_every": 10, "grad_clip": 35.0},
-    # Distillation slows the learning of new classes: 12 epochs (decay at 9, 11) let SD-IDD learn them and keep the old.
-    "incremental": {"protocol": "2+2", "epochs": 12, "lr": 0.003, "milestones": [9, 11]},
-}
+# The demo is the packaged `synthetic_quick` recipe (12 + 12 epochs: distillation slows the learning of new
+# classes, and decay at epochs 9 and 11 lets SD-IDD learn them and keep the old); only its name differs.
+DEMO_RECIPE = "synthetic_quick"
 QUICK = {"data": {"num_train_images": 48, "num_test_images": 16, "train_sizes": [96], "test_size": 96, "max_size": 96},
          "model": {"pretrained": False, "fpn_channels": 32, "head_channels": 32, "head_convs": 1},
          "train": {"epochs": 1, "warmup_iters": 5, "milestones": [], "progress": False},
@@ -46,7 +41,8 @@ def format_per_class_table(report: dict) -> str:
 def run_demo(out_dir: str = "runs/demo", quick: bool = False, threads: Optional[int] = None) -> dict:
     """Train the teacher, then finetune and SD-IDD from it; print and write old/new/all and per-class AP50."""
     from .benchmark import format_report_table, run_benchmark
-    data = merge_dicts(DEMO_CONFIG, QUICK) if quick else dict(DEMO_CONFIG)
+    recipe = merge_dicts(yaml.safe_load(packaged_config(DEMO_RECIPE).read_text()), {"name": "demo"})
+    data = merge_dicts(recipe, QUICK) if quick else recipe
     data = merge_dicts(data, {"train": {"out_dir": out_dir, **({"threads": threads} if threads else {})}})
     cfg = config_from_dict(data)
     report = run_benchmark(cfg, ["finetune", "sdidd"], Path(out_dir), Path(out_dir) / "results", "demo",
@@ -59,3 +55,35 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, threads: Optional[
     log.info(format_per_class_table(report))
     log.info(f"\nReport: {Path(out_dir) / 'results' / 'demo.md'}")
     return report
+
+
+def export_defects(out_dir: str | Path, num_train_images: int = 240, num_test_images: int = 80, image_size: int = 160) -> dict[str, Path]:
+    """Write the built-in defects as two COCO datasets, as a factory would hold them, plus a full test set.
+
+    `base/`: the first half of the training images, labelled with the base classes (scratch, spot);
+    `new/`: the other half, labelled with the new classes only (patch, crack); both with the test images
+    labelled with their own classes; `all_test/`: the test images labelled with every class.
+    Each folder has a `data.yaml` that `sdidd train`, `add-classes` and `check-data` read.
+    """
+    from .data.synthetic import SYNTHETIC_CLASSES, load_synthetic
+    from .data.write_coco import write_coco_split, write_description
+    out = Path(out_dir)
+    train = load_synthetic("train", num_images=num_train_images, image_size=image_size)
+    test = load_synthetic("test", num_images=num_test_images, image_size=image_size)
+    base_cls, new_cls = SYNTHETIC_CLASSES[:2], SYNTHETIC_CLASSES[2:]
+    half = num_train_images // 2
+
+    def holding(ids: range, classes: list[str]) -> list[int]:
+        want = [SYNTHETIC_CLASSES.index(c) for c in classes]
+        return [r.image_id for r in train.records if r.image_id in ids and np.isin(r.labels, want).any()]
+    written = {}
+    for name, classes, ids in (("base", base_cls, range(1, half + 1)), ("new", new_cls, range(half + 1, num_train_images + 1))):
+        root = out / name
+        write_coco_split(train, root, "train", classes, holding(ids, classes))
+        write_coco_split(test, root, "test", classes)
+        written[name] = write_description(root, classes)
+    write_coco_split(test, out / "all_test", "test", list(SYNTHETIC_CLASSES))
+    written["all_test"] = write_description(out / "all_test", list(SYNTHETIC_CLASSES), train=False)
+    for name, path in written.items():
+        log.info(f"wrote {path}")
+    return written

@@ -26,6 +26,7 @@ from sdidd.data.neu_det import load_neu_det
 from sdidd.data.records import (
     DUPLICATE_IMAGE,
     PROBLEM_KINDS,
+    UNKNOWN_CLASS,
     SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     WARNING_KINDS,
@@ -152,6 +153,8 @@ def _check_boxes_only(dataset: DetectionDataset, problems: Problems) -> None:
 def _detect(path: Path) -> str:
     if path.is_file() and path.suffix.lower() == ".json":
         return "coco"
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return "description"
     if (path / "IMAGES").is_dir() and (path / "ANNOTATIONS").is_dir():
         return "neu-det"
     if find_pcbdata(path) is not None:
@@ -197,6 +200,17 @@ def check_dataset(
             ds = load_neu_det(p, "train" if s == "trainval" else s, problems=problems)
         elif key == "deeppcb":
             ds = load_deeppcb(p, "trainval" if s == "train" else s, problems=problems)
+        elif key == "description":  # a dataset description file: its splits, as training reads them
+            from .description import load_description
+            d = load_description(p)
+            parts = [(d["train_ann"], d["images_dir"]) if s in ("all", "train", "trainval") else None,
+                     (d["test_ann"], d["test_images_dir"]) if s in ("all", "test") else None]
+            loaded = [load_coco_json(img, ann, problems=problems) for ann, img in (x for x in parts if x and x[0])]
+            if not loaded:
+                raise SdiddError(f"{p}: has no {s} split")
+            ds = DetectionDataset(loaded[0].classes, [r for d_ in loaded for r in d_.records], name=str(p))
+            if d["names"] is not None and any(list(x.classes) != d["names"] for x in loaded):
+                problems.add(UNKNOWN_CLASS, f"{p}: the annotation categories {[list(x.classes) for x in loaded]} differ from names {d['names']}")
         else:
             img_dir = Path(images_dir) if images_dir is not None else (
                 p.parent / "images" if (p.parent / "images").is_dir() else p.parent

@@ -43,10 +43,16 @@ def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
     # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
     problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
     if cfg.dataset == "coco":
-        ann = cfg.train_ann if split == cfg.train_split else cfg.test_ann
-        if not cfg.images_dir or not ann:
-            raise SdiddError("config keys 'data.images_dir', 'data.train_ann' and 'data.test_ann' are needed for a coco dataset")
-        ds = build_dataset("coco", split, images_dir=cfg.images_dir, ann_file=ann, problems=problems)
+        is_train = split == cfg.train_split
+        ann = cfg.train_ann if is_train else cfg.test_ann
+        images = cfg.images_dir if is_train else (cfg.test_images_dir or cfg.images_dir)
+        if not images:
+            raise SdiddError("config key 'data.images_dir' is needed for a coco dataset")
+        if ann is None:
+            raise SdiddError(f"config key 'data.{'train' if is_train else 'test'}_ann': the coco dataset has no {split} split")
+        ds = build_dataset("coco", split, images_dir=images, ann_file=ann, problems=problems)
+        if cfg.names is not None and list(ds.classes) != list(cfg.names):
+            raise SdiddError(f"{ann}: categories {list(ds.classes)} differ from the description's names {list(cfg.names)}")
     else:
         ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
     if problems.counts:
@@ -80,6 +86,8 @@ def decode_once(dataset: DetectionDataset, cfg: DataConfig) -> DetectionDataset:
 def load_run_data(cfg: DataConfig) -> RunData:
     """Parse, check and (memory permitting) decode both splits once for a whole run."""
     train = decode_once(load_split(cfg, cfg.train_split), cfg)
+    if cfg.dataset == "coco" and cfg.test_ann is None:  # a dataset without a test split (add-classes says so)
+        return RunData(list(train.classes), train, DetectionDataset(train.classes, [], name="no test split"))
     # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
     test = decode_once(load_split(cfg, cfg.test_split), cfg)
     return RunData(list(train.classes), train, test)
@@ -89,15 +97,17 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
                  keep_empty: bool = False) -> DetectionDataset:
     """The boxes of classes `keep` (default: all of `channels`) labelled with their model channel = index in `channels`.
 
-    Images without such a box are dropped unless `keep_empty` (test sets keep every image).
+    Classes are matched by name: a dataset class that is no channel is dropped, and a channel the dataset
+    lacks (an old class in a new-class dataset) simply has no box. Images without a kept box are dropped
+    unless `keep_empty` (test sets keep every image).
     """
-    unknown = [c for c in channels if c not in dataset.classes]
-    if unknown:
-        raise SdiddError(f"class {unknown[0]!r} is not in the dataset (classes: {', '.join(dataset.classes)})")
-    kept = set(channels if keep is None else keep)
-    lut = np.full(len(dataset.classes), -1, dtype=np.int64)
+    kept = list(channels if keep is None else keep)
+    missing = [c for c in kept if c not in dataset.classes and keep is not None]
+    if missing:
+        raise SdiddError(f"class {missing[0]!r} is not in the dataset (classes: {', '.join(dataset.classes)})")
+    lut = np.full(max(len(dataset.classes), 1), -1, dtype=np.int64)
     for i, c in enumerate(channels):
-        if c in kept:
+        if c in kept and c in dataset.classes:
             lut[dataset.classes.index(c)] = i
     records = []
     for r in dataset.records:

@@ -1,0 +1,105 @@
+"""The engine's rules: one schedule rule, data parsed and decoded once per run, no teacher forward without
+distillation, checkpoint retention, and the label space of a step's data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdidd.data.check as check_mod
+import sdidd.data.records as records_mod
+import sdidd.engine.run_data as run_data
+from sdidd.benchmark import run_benchmark
+from sdidd.config import config_from_dict
+from sdidd.engine.build import StepSpec, build_step, detector_config
+from sdidd.engine.checkpoint import save_epoch
+from sdidd.engine.run_data import load_run_data
+from sdidd.engine.schedule import step_schedule
+from sdidd.model.detector import build_detector
+from test_cli_errors import TINY, make_neu
+
+torch.set_num_threads(1)
+
+
+def _cfg(**sections: dict) -> "object":
+    data = {k: dict(v) for k, v in TINY.items()}
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return config_from_dict(data)
+
+
+def test_schedule_rule_for_base_and_incremental_steps() -> None:
+    cfg = _cfg(train={"epochs": 12, "lr": 0.01, "milestones": [8, 11]}, incremental={"epochs": 6, "lr": 0.003})
+    base, inc = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
+    assert (base.epochs, base.lr, base.milestones) == (12, 0.01, (8, 11))
+    assert (inc.epochs, inc.lr, inc.milestones) == (6, 0.003, (8, 11))  # no incremental.milestones: train's
+    cfg.incremental.milestones = [4]
+    assert step_schedule(cfg, with_teacher=True).milestones == (4,)
+    # Warmup is linear over iterations, decay counts epochs.
+    assert base.factor(0, 10) == pytest.approx(cfg.train.warmup_ratio)
+    assert base.factor(80, 10) == pytest.approx(0.1) and base.factor(110, 10) == pytest.approx(0.01)
+
+
+def test_keep_checkpoints_keeps_last_and_the_newest_epochs(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.zeros(1)}, "detector": {"backbone": "x", "num_classes": 1}, "classes": ["a"]}
+    for epoch in range(1, 5):
+        save_epoch({**state, "epoch": epoch}, tmp_path, epoch, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_3.pth", "epoch_4.pth", "last.pth"]
+    save_epoch({**state, "epoch": 5}, tmp_path, 5, keep=0)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["last.pth"]
+
+
+@pytest.mark.parametrize("method, runs_teacher", [("finetune", False), ("erd", True), ("sdidd", True)])
+def test_teacher_forward_only_when_distillation_reads_it(tmp_path: Path, method: str, runs_teacher: bool) -> None:
+    cfg = _cfg(data={"dataset": "synthetic", "num_train_images": 8, "num_test_images": 4})
+    data = load_run_data(cfg.data)
+    teacher = build_detector(detector_config(cfg, 2))
+    spec = StepSpec(["scratch", "spot", "patch", "crack"], ["patch", "crack"], method, 1)
+    step = build_step(cfg, spec, data, tmp_path, teacher)
+    assert (step.teacher is not None) == runs_teacher
+    assert step.trained.tolist() == [False, False, True, True]
+    # The step's training data carries model-channel labels of the trained classes only.
+    labels = torch.cat([torch.as_tensor(r.labels) for r in step.loader.dataset.records])
+    assert set(labels.tolist()) <= {2, 3} and len(labels) > 0
+    assert step.test_set.classes == spec.classes
+
+
+def test_a_benchmark_parses_and_decodes_each_split_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher + two methods: each split parsed once, each image decoded once (then served from memory)."""
+    root = make_neu(tmp_path / "NEU-DET")
+    calls = {"load_split": 0, "inspect_image": 0, "read_image": 0}
+
+    def counting(module: object, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapper(*a: object, **k: object) -> object:
+            calls[name] += 1
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, wrapper)
+    counting(run_data, "load_split")
+    counting(check_mod, "inspect_image")
+    counting(records_mod, "read_image")
+    cfg = _cfg(data={"dataset": "neu-det", "root": str(root)}, incremental={"groups": [["crazing"], ["inclusion"]]})
+    report = run_benchmark(cfg, ["finetune", "sdidd"], tmp_path / "run", tmp_path / "results", "tiny", command="test")
+    assert set(report["methods"]) == {"teacher", "finetune", "sdidd"}
+    assert calls == {"load_split": 2, "inspect_image": 10, "read_image": 0}, calls
+
+
+def test_shared_frozen_prefix_gives_the_same_outputs() -> None:
+    """Teacher and student run the frozen backbone stages once: the outputs are those of separate forwards."""
+    from sdidd.engine.build import _same_frozen_prefix
+    from sdidd.engine.incremental import extend_student, freeze_teacher
+    cfg = _cfg()
+    teacher = freeze_teacher(build_detector(detector_config(cfg, 2)))
+    student = extend_student(teacher, 4).train()
+    assert _same_frozen_prefix(teacher, student)
+    images = torch.rand(2, 3, 64, 96) * 255
+    prefix = student.frozen_prefix(images)
+    for model in (teacher, student):
+        a, b = model(images), model(images, prefix)
+        torch.testing.assert_close(a.cls, b.cls, rtol=0, atol=0)
+        torch.testing.assert_close(a.reg, b.reg, rtol=0, atol=0)
+    with torch.no_grad():
+        next(iter(student.backbone.frozen_modules()[0].parameters())).add_(1.0)
+    assert not _same_frozen_prefix(teacher, student)
