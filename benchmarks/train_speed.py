@@ -144,12 +144,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def step() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
-                t_out, prefix = None, None
-                if distill is not None:  # as the engine: the shared frozen stages run once, the teacher's rest without grad
-                    prefix = student.frozen_prefix(images)
+                t_out = None
+                if distill is not None:  # fine-tune runs no teacher, as in the engine
                     with torch.no_grad():
-                        t_out = teacher(images, prefix)
-                loss, _ = step_loss(student(images, prefix), t_out, pad_boxes, new_labels, sizes, trained, loss_cfg, weight, distill)
+                        t_out = teacher(images)
+                loss, _ = step_loss(student(images), t_out, pad_boxes, new_labels, sizes, trained, loss_cfg, weight, distill)
             sopt.zero_grad(set_to_none=True)
             loss.backward()
             sopt.step()

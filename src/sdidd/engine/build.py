@@ -73,7 +73,6 @@ class Step:
     iteration: int = 0
     stats: dict[str, float] = field(default_factory=dict)
     stored_metrics: Optional[dict[str, Any]] = None  # set when resuming a finished step
-    share_prefix: bool = False  # teacher and student run the frozen backbone stages once, together
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -134,23 +133,12 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
                 stats={"train_seconds": 0.0, "train_images": 0.0})
     if t.resume and (step.out_dir / "last.pth").is_file():
         _resume(step, teacher is not None)
-    step.share_prefix = step.teacher is not None and _same_frozen_prefix(step.teacher, model)
     # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).
     step.ddp_model = dist.wrap(model, device)
     if dist.is_dist():
         log.info(f"DDP: {dist.world_size()} ranks x train.batch_size {t.batch_size} = global batch {t.batch_size * dist.world_size()}, "
                  f"{iters_per_epoch} iterations/epoch, lr {schedule.lr} (not scaled)")
     return step
-
-
-def _same_frozen_prefix(teacher: GFL, student: GFL) -> bool:
-    """True when the frozen stem + stages of both are the same weights (always, for a student built from its teacher)."""
-    tb, sb = teacher.backbone, student.backbone
-    if not (tb.shares_frozen_prefix() and sb.shares_frozen_prefix()) or tb.frozen_stages != sb.frozen_stages:
-        return False
-    pairs = zip(tb.frozen_modules(), sb.frozen_modules())
-    return all(torch.equal(a, b) for mt, ms in pairs
-               for a, b in zip(list(mt.parameters()) + list(mt.buffers()), list(ms.parameters()) + list(ms.buffers())))
 
 
 def _resume(step: Step, with_teacher: bool) -> None:

@@ -50,11 +50,9 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
         images = batch["images"].to(device, non_blocking=True)
         boxes, labels, sizes = (batch[k].to(device, non_blocking=True) for k in ("boxes", "labels", "sizes"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            # The frozen backbone stages are the teacher's own weights in the student: run them once for both.
-            prefix = step.model.frozen_prefix(images) if step.share_prefix else None
-            out = step.ddp_model(images, prefix)
+            out = step.ddp_model(images)
             with torch.no_grad():
-                t_out = step.teacher(images, prefix) if step.teacher is not None else None
+                t_out = step.teacher(images) if step.teacher is not None else None
             loss, parts = step_loss(out, t_out, boxes, labels, sizes, step.trained, cfg.loss, step.qfl_weight, step.distill)
         # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
         finite = torch.isfinite(loss.detach())

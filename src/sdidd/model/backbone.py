@@ -96,30 +96,9 @@ class Backbone(nn.Module):
                         m.eval()
         return self
 
-    def shares_frozen_prefix(self) -> bool:
-        """True when the frozen stem + stages can run apart (EfficientNet-Lite, no output level inside them)."""
-        if self.name == "resnet50" or self.frozen_stages < 0:
-            return False
-        return min(self.body._stage_out_idx) > self.frozen_stages
-
-    def frozen_prefix(self, x: Tensor) -> Tensor:
-        """The frozen stem and stages on normalised images: the same for a teacher and its student, so computed once."""
-        b = self.body
-        x = b.bn1(b.conv_stem(x))
-        for block in b.blocks[: self.frozen_stages]:
-            x = block(x)
-        return x
-
-    def forward(self, x: Tensor, prefix: Tensor | None = None) -> list[Tensor]:
-        """Normalised float images [B,3,H,W] -> feature maps at strides 8, 16, 32 (from `frozen_prefix` when given)."""
-        if prefix is None:
-            return list(self.body(x))
-        feats, h = [], prefix
-        for i in range(self.frozen_stages, len(self.body.blocks)):
-            h = self.body.blocks[i](h)
-            if i + 1 in self.body._stage_out_idx:
-                feats.append(h)
-        return feats
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Normalised float images [B,3,H,W] -> feature maps at strides 8, 16, 32."""
+        return list(self.body(x))
 
 
 # ----------------------------------------------------------------------------------------- weights

@@ -56,22 +56,14 @@ class GFL(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def normalise(self, images: Tensor) -> Tensor:
-        """0-255 images -> the backbone's input scale."""
-        return (images.float() - self.pixel_mean) / self.pixel_std
+    def features(self, images: Tensor) -> list[Tensor]:
+        """Normalise and run backbone + FPN."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        return self.fpn(self.backbone(x))
 
-    @torch.no_grad()
-    def frozen_prefix(self, images: Tensor) -> Tensor:
-        """Output of the backbone's frozen stem and stages (a teacher and its student share it: compute it once)."""
-        return self.backbone.frozen_prefix(self.normalise(images))
-
-    def features(self, images: Tensor, prefix: Tensor | None = None) -> list[Tensor]:
-        """Normalise and run backbone + FPN (the backbone from `prefix` = :meth:`frozen_prefix` when given)."""
-        return self.fpn(self.backbone(self.normalise(images) if prefix is None else images, prefix))
-
-    def forward(self, images: Tensor, prefix: Tensor | None = None) -> DenseOutput:
+    def forward(self, images: Tensor) -> DenseOutput:
         """Dense class and box-distribution logits for every anchor of every level."""
-        feats = self.features(images, prefix)
+        feats = self.features(images)
         cls, reg = self.head(feats)
         grid = make_anchor_grid([tuple(f.shape[-2:]) for f in feats], list(STRIDES), images.device)
         return DenseOutput(cls, reg, feats, grid)
