@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, bf16 autocast: {a.amp}; "
              f"full train step (forward + loss + backward + SGD), mean of {a.iters} steps, median of {a.rounds} interleaved rounds "
              f"after {a.warmup} warm-up steps",
+             "- Seeds: one process, one random initialisation (seed 0), timed as the median of interleaved rounds; no seed "
+             "repetition. The images/s and the ratios between rows are one run's and move by about ±0.1 (ratio) between runs "
+             "on a shared machine; they say what a step costs, not that one method is better than another.",
              "", "| detector | train images/s |", "|---|---|"]
     lines += [f"| {n} | {v:.2f} |" for n, v in rows]
     speed = dict(rows)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sdidd.model.anchors import make_anchor_grid
-from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, pad_targets, vlr_region
+from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, vlr_region
+from sdidd.data.transforms import pad_targets
 
 STRIDES = [8, 16, 32, 64, 128]
 

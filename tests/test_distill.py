@@ -22,7 +22,8 @@ from sdidd.distill import (
 from sdidd.config import DistillConfig, LossConfig
 from sdidd.engine.objective import step_loss
 from sdidd.model.anchors import make_anchor_grid
-from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, pad_targets, vlr_region
+from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, vlr_region
+from sdidd.data.transforms import pad_targets
 from sdidd.model.detector import DenseOutput
 
 STRIDES = [8, 16, 32, 64, 128]

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdidd.data.transforms import pad_targets
+
 from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.anchors import make_anchor_grid
 from sdidd.model.detector import GFL, DetectorConfig
@@ -15,7 +17,6 @@ from sdidd.model.gfl_loss import (
     distribution_focal_loss,
     gfl_loss,
     giou_loss,
-    pad_targets,
     quality_focal_loss,
 )
 from sdidd.model.head import bbox2distance, distance2bbox, integral

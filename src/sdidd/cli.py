@@ -80,7 +80,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_add_classes(a: argparse.Namespace) -> int:
-    from .config import config_from_dict, merge_dicts, parse_overrides
+    from .config import DATASET_KEYS, config_from_dict, merge_dicts, parse_overrides
     from .data.description import load_description
     from .engine import distributed as dist
     from .engine.add_classes import run_add_classes
@@ -88,8 +88,7 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
     state = load_checkpoint(a.teacher)
     # The teacher's own recipe (sizes, schedule, distillation) with the new dataset in place of its data.
     base = dict(state.get("config", {}))
-    data = {k: v for k, v in (base.get("data") or {}).items() if k in ("train_sizes", "test_size", "max_size", "flip", "on_bad_data",
-                                                                      "check", "cache_gb")}
+    data = {k: v for k, v in (base.get("data") or {}).items() if k not in DATASET_KEYS}  # keep sizes and checks
     overrides = parse_overrides(a.overrides)
     out = a.out or overrides.get("train", {}).get("out_dir") or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
     base = merge_dicts({**base, "data": {**data, **load_description(a.data)}}, overrides)

@@ -330,14 +330,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if isinstance(extra.get("data"), str):  # data=FILE: a dataset description replaces the recipe's dataset keys
         from .data.description import load_description
         described = load_description(extra.pop("data"))
-        kept = {k: v for k, v in (data.get("data") or {}).items() if k not in _DATASET_KEYS}
+        kept = {k: v for k, v in (data.get("data") or {}).items() if k not in DATASET_KEYS}
         data = {**data, "data": {**kept, **described}}
     data = merge_dicts(data, extra)
     return config_from_dict(data)
 
 
 # The keys that say which dataset a run reads (as opposed to how its images are sized and checked).
-_DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_train_images", "num_test_images",
+DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_train_images", "num_test_images",
                  "images_dir", "test_images_dir", "train_ann", "test_ann", "names")
 
 

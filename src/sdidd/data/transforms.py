@@ -15,7 +15,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["TrainTransform", "EvalTransform", "collate", "resize_and_flip", "target_size", "PAD_DIVISOR"]
+__all__ = ["TrainTransform", "EvalTransform", "collate", "pad_targets", "resize_and_flip", "target_size", "PAD_DIVISOR"]
 
 PAD_DIVISOR = 32  # the coarsest backbone stride the padded batch must divide
 
@@ -94,6 +94,17 @@ class EvalTransform:
         return f"EvalTransform(short_size={self.short_size}, max_size={self.max_size})"
 
 
+def pad_targets(boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image GT lists -> padded ([B, G, 4] float, [B, G] long with -1 on padded rows), G = the largest count."""
+    g = max((len(lab) for lab in labels), default=0)
+    out_b = torch.zeros((len(boxes), g, 4), dtype=torch.float32, device=boxes[0].device if len(boxes) else None)
+    out_l = torch.full((len(labels), g), -1, dtype=torch.int64, device=out_b.device)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        out_b[i, : len(lab)] = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
+        out_l[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.int64).reshape(-1)
+    return out_b, out_l
+
+
 def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict:
     """Stack images zero-padded (bottom/right) to a multiple of 32; GT boxes/labels padded to the batch's max count.
 
@@ -110,13 +121,7 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict:
     out = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):
         out[i, :, :h, :w] = im
-    g = max((len(t["labels"]) for t in targets), default=0)
-    boxes = torch.zeros((len(targets), g, 4), dtype=torch.float32)
-    labels = torch.full((len(targets), g), -1, dtype=torch.int64)
-    for i, t in enumerate(targets):
-        n = len(t["labels"])
-        boxes[i, :n] = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-        labels[i, :n] = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+    boxes, labels = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets])
     return {
         "images": out,
         "boxes": boxes,

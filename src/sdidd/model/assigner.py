@@ -26,7 +26,6 @@ __all__ = [
     "atss_assign_batched",
     "atss_candidates",
     "finegrained_mask",
-    "pad_targets",
     "pairwise_iou",
     "vlr_region",
 ]
@@ -197,18 +196,6 @@ def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, top
     valid = torch.ones((1, gt_boxes.shape[0]), dtype=torch.bool, device=anchors.device)
     assigned, iou, threshold = atss_assign_batched(anchors, num_per_level, gt_boxes[None], valid, topk)
     return ATSSResult(assigned[0], iou[0], threshold[0])
-
-
-def pad_targets(boxes: list[Tensor], labels: list[Tensor], device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
-    """Per-image GT lists -> padded ([B, G, 4] float, [B, G] long with -1 on padded rows), G = max count."""
-    num = max((b.shape[0] for b in boxes), default=0)
-    device = device if device is not None else (boxes[0].device if boxes else torch.device("cpu"))
-    out_b = torch.zeros((len(boxes), num, 4), dtype=torch.float32, device=device)
-    out_l = torch.full((len(boxes), num), -1, dtype=torch.long, device=device)
-    for i, (b, l) in enumerate(zip(boxes, labels)):
-        out_b[i, : b.shape[0]] = b.reshape(-1, 4).to(out_b)
-        out_l[i, : l.shape[0]] = l.to(out_l)
-    return out_b, out_l
 
 
 def assign_targets(grid: AnchorGrid, gt_boxes: Tensor, gt_labels: Tensor, topk: int = 9) -> Assignment:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .anchors import AnchorGrid
-from .assigner import Assignment, assign_targets, pad_targets  # noqa: F401  (re-exported: the loss's entry points)
+from .assigner import Assignment, assign_targets  # noqa: F401  (re-exported: the loss's entry point)
 from .head import bbox2distance, distance2bbox, integral
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "distribution_focal_loss",
     "giou_loss",
     "gfl_loss",
-    "pad_targets",
     "quality_focal_loss",
 ]
 
