@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 TINY = {
     "data": {"train_sizes": [64], "test_size": 64, "max_size": 64},
     "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
-    "train": {"epochs": 1, "batch_size": 8, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
+    "train": {"epochs": 1, "min_iters": 0, "batch_size": 8, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
               "warmup_iters": 2, "milestones": [2]},
     "incremental": {"epochs": 1},
 }
@@ -58,7 +58,7 @@ def test_description_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     cases = {
         "missing.yaml": (None, "dataset description not found"),
         "bad_key.yaml": ({"format": "coco", "train": "a.json", "imgs": "x"}, "unknown key 'imgs'"),
-        "voc.yaml": ({"format": "voc", "train": "a.json"}, "format 'voc' is not supported"),
+        "labelme.yaml": ({"format": "labelme", "train": "a.json"}, "format 'labelme' is not supported"),
         "names.yaml": ({"train": "a.json", "names": [None]}, "'names' must be a list of non-empty class names"),
         "nosplit.yaml": ({"format": "coco"}, "neither 'train' nor 'test'"),
     }
@@ -83,7 +83,7 @@ def test_add_classes_chain_and_refusals(exported: Path, base_model: Path, tmp_pa
     assert rc == 0, err
     state = load_checkpoint(tmp_path / "step1" / "last.pth")
     assert state["classes"] == ["scratch", "spot", "patch", "crack"] and state["new_classes"] == ["patch", "crack"]
-    assert state["step"] == 1 and state["method"] == "sdidd"
+    assert state["step"] == 1 and state["method"] == "sdidd+"
     table = json.loads((tmp_path / "step1" / "add_classes.json").read_text())
     sources = {r["class"]: r["test_set"] for r in table["rows"]}
     assert "old test set" in sources["scratch"] and "new dataset's test split" in sources["crack"]
@@ -119,3 +119,14 @@ def test_add_classes_chain_and_refusals(exported: Path, base_model: Path, tmp_pa
     rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--out", str(tmp_path / "z"),
                       "model.backbone=resnet50"], capsys)
     assert rc == 2 and "the teacher is a tf_efficientnet_lite0 model" in one_line(err)
+
+
+def test_a_description_combines_with_data_key_overrides_in_any_order(exported: Path, tmp_path: Path) -> None:
+    from sdidd.config import load_config
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    desc = str(exported / "base" / "data.yaml")
+    for order in (["data.test_size=48", f"data={desc}", "data.on_bad_data=skip"], [f"data={desc}", "data.on_bad_data=skip", "data.test_size=48"]):
+        cfg = load_config(recipe, order)
+        assert cfg.data.dataset == "coco" and cfg.data.train_ann.endswith("train.json")
+        assert cfg.data.test_size == 48 and cfg.data.on_bad_data == "skip"

@@ -3,8 +3,9 @@ import json
 import time
 
 import pytest
+import torch
 
-from sdidd.benchmark import parse_methods, run_benchmark
+from sdidd.benchmark import aggregate_seeds, markdown_report, parse_methods, run_benchmark
 from sdidd.config import config_from_dict
 from sdidd.errors import SdiddError
 
@@ -12,7 +13,7 @@ TINY = {
     "data": {"dataset": "synthetic", "num_train_images": 16, "num_test_images": 8, "train_sizes": [64], "test_size": 64,
              "max_size": 64, "check": False},
     "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
-    "train": {"epochs": 1, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False,
+    "train": {"epochs": 1, "min_iters": 0, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False,
               "warmup_iters": 2, "milestones": []},
     "incremental": {"protocol": "2+2"},
 }
@@ -56,3 +57,36 @@ def test_benchmark_writes_the_contract_and_reuses_finished_stages(tmp_path):
     again = run_benchmark(cfg, ["finetune", "sdidd"], out, res, "tiny", command="test", tag="t")
     assert again["methods"] == report["methods"]
     assert time.perf_counter() - t0 < 60
+
+
+def _seed_report(seed: int, teacher_old: float, old: float, new: float) -> dict:
+    return {"dataset": "d", "protocol": "1+1", "profile": "p", "machine": "m", "date": "x", "command": "c",
+            "classes_old": ["a"], "classes_new": ["b"], "settings": {"seed": seed},
+            "methods": {"teacher": {"map50_old": teacher_old, "ap50_per_class": {"a": teacher_old}, "train_seconds": 1.0},
+                        "sdidd": {"map50_old": old, "map50_new": new, "map50_all": (old + new) / 2, "map_all": 1.0,
+                                  "ap50_per_class": {"a": old, "b": new}, "train_seconds": 2.0}}}
+
+
+def test_seeds_aggregate_to_mean_and_sample_std_with_each_seed_kept():
+    report = aggregate_seeds([_seed_report(0, 60.0, 50.0, 70.0), _seed_report(1, 62.0, 54.0, 60.0), _seed_report(2, 58.0, 52.0, 65.0)])
+    v = report["methods"]["sdidd"]
+    assert report["seeds"] == [0, 1, 2] and v["n_seeds"] == 3
+    assert v["map50_old"] == 52.0 and v["std"]["map50_old"] == 2.0  # sample std of 50, 54, 52
+    assert v["ap50_per_class"]["b"] == 65.0 and v["std"]["ap50_per_class"]["b"] == 5.0
+    assert v["forgetting"] == 8.0 and v["std"]["forgetting"] == 2.0  # each seed against its own teacher: 10, 8, 6
+    assert report["per_seed"]["1"]["sdidd"]["map50_old"] == 54.0
+    md = markdown_report(report)
+    assert "| sdidd | 52.0 ± 2.0 | 65.0 ± 5.0 |" in md and "Seeds 0, 1, 2" in md
+
+
+@pytest.mark.slow
+def test_benchmark_over_two_seeds_trains_a_teacher_per_seed(tmp_path):
+    cfg = config_from_dict(TINY)
+    report = run_benchmark(cfg, ["finetune"], tmp_path / "run", tmp_path / "res", "tiny", command="test", tag="s", seeds=[0, 1])
+    assert report["seeds"] == [0, 1] and set(report["per_seed"]) == {"0", "1"}
+    for seed in (0, 1):
+        assert (tmp_path / "run" / f"seed{seed}" / "teacher" / "last.pth").is_file()
+        assert (tmp_path / "run" / f"seed{seed}" / "finetune" / "step1" / "last.pth").is_file()
+    a, b = (torch.load(tmp_path / "run" / f"seed{s}" / "teacher" / "last.pth", weights_only=False)["model"] for s in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # the seeds trained different models
+    assert "±" in (tmp_path / "res" / "s.md").read_text() and (tmp_path / "res" / "s_per_class.png").is_file()

@@ -27,7 +27,7 @@ SIZE = 64
 TINY = {
     "data": {"train_sizes": [SIZE], "test_size": SIZE, "max_size": SIZE},
     "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
-    "train": {"epochs": 1, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
+    "train": {"epochs": 1, "min_iters": 0, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
               "warmup_iters": 2, "milestones": [2]},
 }
 

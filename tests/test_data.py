@@ -373,7 +373,8 @@ def test_coco_json_loader(tmp_path: Path) -> None:
     ds = load_coco_json(tmp_path / "imgs", ann)
     assert ds.classes == ["early", "late"]
     assert [Path(r.file).name for r in ds.records] == ["a.png", "b.png"]
-    assert [r.image_id for r in ds.records] == [1, 2]
+    assert [r.image_id for r in ds.records] == [11, 10]  # the json's own ids
+    assert ds.category_ids == {"early": 3, "late": 7}
     assert len(ds.records[0].labels) == 0  # image without annotations is kept
     np.testing.assert_array_equal(ds.records[1].boxes, [[5, 6, 15, 10]])
     assert ds.records[1].labels.tolist() == [1]

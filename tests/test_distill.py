@@ -577,3 +577,23 @@ def test_step_loss_has_no_host_sync_outside_erd_box(empty):
         total, log = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)
         total.backward()
     assert torch.isfinite(total) and len(log) == 14  # all terms but erd_box, with their counts
+
+
+def test_hccd_on_scores_is_zero_at_agreement_and_its_gradient_is_bounded_where_l2_is_not():
+    """hccd_form='bce' (sdidd+): 0 when student = teacher; a far-negative logit that drifted (a class absent at the
+    anchor, probability ~0 either way) pulls with L2's full force but hardly at all on scores."""
+    torch.manual_seed(0)
+    teacher = torch.full((1, 50, 2), -12.0)
+    teacher[0, :5, 0] = 4.0  # five confident anchors of class 0; class 1 is far negative everywhere
+    same, _ = hccd_loss(teacher.clone(), teacher, form="bce")
+    assert abs(float(same)) < 1e-6
+    student = teacher.clone()
+    student[0, :5, 1] = -6.0  # the absent class's logit drifted by 6 (probability 6e-6 -> 2.5e-3)
+    student.requires_grad_(True)
+    grads = {}
+    for form in ("l2", "bce"):
+        loss, n = hccd_loss(student, teacher, form=form)
+        assert float(loss.detach()) > 0 and int(n) == 5
+        (g,) = torch.autograd.grad(loss, student)
+        grads[form] = g.abs().max().item()
+    assert grads["bce"] < grads["l2"] / 100, grads

@@ -31,7 +31,7 @@ CFG = {
     "data": {"dataset": "synthetic", "num_train_images": 16, "num_test_images": 8, "train_sizes": [64], "test_size": 64,
              "max_size": 64, "flip": 0.0},
     "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
-    "train": {"epochs": 2, "batch_size": PER_RANK_BATCH, "workers": 0, "threads": 1, "device": "cpu", "progress": False,
+    "train": {"epochs": 2, "min_iters": 0, "batch_size": PER_RANK_BATCH, "workers": 0, "threads": 1, "device": "cpu", "progress": False,
               "log_every": 1, "warmup_iters": 2, "milestones": [2]},
 }
 # Tolerances. Both runs compute the same SGD steps on the same images with the same (all-reduced) loss

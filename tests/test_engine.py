@@ -15,6 +15,8 @@ from sdidd.config import config_from_dict
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.checkpoint import save_epoch
 from sdidd.engine.run_data import load_run_data
+from sdidd.engine.protocol import step_specs
+from sdidd.engine.run_data import cut_new_images
 from sdidd.engine.schedule import step_schedule
 from sdidd.model.detector import build_detector
 from test_cli_errors import TINY, make_neu
@@ -39,6 +41,46 @@ def test_schedule_rule_for_base_and_incremental_steps() -> None:
     # Warmup is linear over iterations, decay counts epochs.
     assert base.factor(0, 10) == pytest.approx(cfg.train.warmup_ratio)
     assert base.factor(80, 10) == pytest.approx(0.1) and base.factor(110, 10) == pytest.approx(0.01)
+
+
+def test_schedule_stretches_a_small_step_to_min_iters_and_leaves_a_full_one_as_the_recipe_says() -> None:
+    cfg = _cfg(train={"epochs": 8, "lr": 0.01, "milestones": [6, 7], "warmup_iters": 100, "min_iters": 500})
+    full = step_schedule(cfg, with_teacher=False, iters_per_epoch=90)  # NEU-DET quick: 720 images / batch 8
+    assert (full.epochs, full.milestones, full.warmup_iters, full.recipe_epochs) == (8, (6, 7), 100, 0)
+    small = step_schedule(cfg, with_teacher=False, iters_per_epoch=12)  # 100 images / batch 8 (last batch dropped)
+    assert small.epochs * 12 >= 500 and (small.epochs - 1) * 12 < 500
+    assert small.recipe_epochs == 8
+    assert small.milestones == (round(6 * small.epochs / 8), round(7 * small.epochs / 8))  # decay at the same fractions
+    cfg.train.min_iters = 0  # off: the recipe's epochs
+    raw = step_schedule(cfg, with_teacher=False, iters_per_epoch=12)
+    assert (raw.epochs, raw.milestones, raw.warmup_iters) == (8, (6, 7), 100)
+
+
+def test_a_100_image_step_runs_at_least_min_iters(tmp_path: Path) -> None:
+    cfg = _cfg(data={"dataset": "synthetic", "num_train_images": 100, "num_test_images": 4},
+               train={"batch_size": 8, "min_iters": 120, "epochs": 2})
+    data = load_run_data(cfg.data)
+    spec = StepSpec(list(data.classes), list(data.classes), "joint", 0)
+    step = build_step(cfg, spec, data, tmp_path, None)
+    assert len(step.loader) * step.schedule.epochs >= 120 > len(step.loader) * 2
+    assert step.stats["iterations"] == len(step.loader) * step.schedule.epochs
+
+
+def test_small_data_protocol_cuts_only_the_images_of_the_added_classes() -> None:
+    data = load_run_data(config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 60, "num_test_images": 2}}).data)
+    old, new = data.classes[:2], data.classes[2:]
+    ids = [data.classes.index(c) for c in new]
+    holds = lambda r: bool(set(r.labels.tolist()) & set(ids))  # noqa: E731
+    cut = cut_new_images(data.train, new, 10, seed=0)
+    assert sum(map(holds, cut.records)) == 10
+    assert [r.image_id for r in cut.records if not holds(r)] == [r.image_id for r in data.train.records if not holds(r)]
+    again, other = cut_new_images(data.train, new, 10, seed=0), cut_new_images(data.train, new, 10, seed=1)
+    assert [r.image_id for r in again.records] == [r.image_id for r in cut.records]  # seeded: every method sees the same images
+    assert [r.image_id for r in other.records] != [r.image_id for r in cut.records]
+    assert cut_new_images(data.train, new, 10_000, seed=0).records == data.train.records
+    # A joint step relearns every class but the cut applies to the classes it adds.
+    joint = step_specs([old, new], "joint")[1]
+    assert joint.new_classes == old + new and joint.added_classes == new
 
 
 def test_keep_checkpoints_keeps_last_and_the_newest_epochs(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ TINY = {
     "data": {"dataset": "synthetic", "num_train_images": 16, "num_test_images": 8, "train_sizes": [64], "test_size": 64,
              "max_size": 64},
     "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
-    "train": {"epochs": 1, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
+    "train": {"epochs": 1, "min_iters": 0, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu", "progress": False, "log_every": 1,
               "warmup_iters": 2, "milestones": [2]},
 }
 

@@ -7,6 +7,7 @@ import json
 import logging
 import platform
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -33,17 +34,22 @@ ABLATIONS = {
     "sdidd-no-erdbox": {"erd_box": False},
     "sdidd-no-floor": {"hccd_min_score": 0.0},  # the paper's mu+2sigma HCCD selection without our score floor
 }
-METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", *ABLATIONS]
+# Each sdidd+ ablation removes one of its additions (sdidd itself removes both).
+PLUS_ABLATIONS = {
+    "sdidd+-no-pseudo": {"pseudo_labels": False},
+    "sdidd+-l2": {"hccd_form": "l2"},
+}
+METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", "sdidd+", *ABLATIONS, *PLUS_ABLATIONS]
 
 
 def parse_methods(text: str) -> list[str]:
     """'joint,finetune,erd,sdidd,ablations' -> method names (ablations expands)."""
     out: list[str] = []
     for m in (x.strip() for x in text.split(",") if x.strip()):
-        names = list(ABLATIONS) if m == "ablations" else [m]
+        names = list(ABLATIONS) if m == "ablations" else list(PLUS_ABLATIONS) if m == "plus-ablations" else [m]
         for n in names:
             if n not in METHOD_ORDER:
-                raise SdiddError(f"unknown method {n!r} (valid: {', '.join(METHOD_ORDER)}, ablations)")
+                raise SdiddError(f"unknown method {n!r} (valid: {', '.join(METHOD_ORDER)}, ablations, plus-ablations)")
             if n not in out:
                 out.append(n)
     return out
@@ -57,16 +63,18 @@ def machine_description() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def _method_cfg(cfg: Config, method: str) -> tuple[Config, str]:
+def method_config(cfg: Config, method: str) -> tuple[Config, str]:
+    """The config of one method (an ablation switches one SD-IDD part off) and its base method."""
     c = copy.deepcopy(cfg)
-    base = "sdidd" if method in ABLATIONS else method
-    for k, v in ABLATIONS.get(method, {}).items():
+    base = "sdidd" if method in ABLATIONS else "sdidd+" if method in PLUS_ABLATIONS else method
+    for k, v in {**ABLATIONS, **PLUS_ABLATIONS}.get(method, {}).items():
         setattr(c.distill, k, v)
     c.incremental.method = base
     return c, base
 
 
-def _entry(result: StepResult, num_old: int, classes: list[str]) -> dict[str, Any]:
+def method_entry(result: StepResult, num_old: int, classes: list[str]) -> dict[str, Any]:
+    """The report row of one method: old / new / all mAP50, per-class AP50, time and size of its step."""
     per = result.metrics.per_class
     ap50 = {c: round(per[c]["ap50"], 2) for c in classes}
     def mean(names: list[str]) -> float:
@@ -77,49 +85,78 @@ def _entry(result: StepResult, num_old: int, classes: list[str]) -> dict[str, An
         "train_seconds": round(result.stats.get("train_seconds", 0.0), 1),
         "images_per_second": round(result.stats.get("images_per_second", 0.0), 2),
         "peak_memory_mb": round(result.stats.get("peak_memory_mb", 0.0), 1),
+        **{k: int(result.stats[k]) for k in ("images", "epochs", "iterations") if k in result.stats},
     }
 
 
 def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_dir: str | Path, profile: str,
-                  command: Optional[str] = None, tag: Optional[str] = None) -> dict[str, Any]:
-    """Train the base teacher once, run every method from it, write JSON + Markdown + plots; stages resume."""
+                  command: Optional[str] = None, tag: Optional[str] = None, seeds: Optional[list[int]] = None) -> dict[str, Any]:
+    """Train the base teacher once per seed, run every method from it, write JSON + Markdown + plots; stages resume.
+
+    With several `seeds` each seed runs the whole protocol (its own teacher) in `<out_dir>/seed<N>` and the
+    report gives mean ± sample standard deviation over the seeds, with every seed's numbers in `per_seed`.
+    """
     cfg = copy.deepcopy(cfg)
     cfg.train.resume = True  # finished stages are reused, interrupted ones continue
     out_dir, results_dir = Path(out_dir), Path(results_dir)
-    data = load_run_data(cfg.data)  # parsed, checked and decoded once for the teacher and every method
+    data = load_run_data(cfg.data)  # parsed, checked and decoded once for every seed, teacher and method
     groups = protocol_groups(cfg, data.classes)
     protocol = cfg.incremental.protocol or "+".join(str(len(g)) for g in groups)
-    tag = tag or f"{cfg.data.dataset}_{protocol}_{profile}"
+    small = f"_new{cfg.incremental.new_images}" if cfg.incremental.new_images else ""
+    tag = tag or f"{cfg.data.dataset}_{protocol}_{profile}{small}"
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    seeds = list(seeds) if seeds else [cfg.train.seed]
+    if len(seeds) == 1:
+        cfg.train.seed = seeds[0]
+        return _run_seed(cfg, methods, data, groups, protocol, profile, command, out_dir, results_dir, tag)
+    reports: list[dict[str, Any]] = []
+    for seed in seeds:
+        scfg = copy.deepcopy(cfg)
+        scfg.train.seed = seed
+        seed_dir = out_dir / f"seed{seed}"
+        reports.append(_run_seed(scfg, methods, data, groups, protocol, profile, command, seed_dir, seed_dir, tag))
+        if dist.is_main():
+            _write(aggregate_seeds(reports), results_dir, tag)
+    report = aggregate_seeds(reports)
+    if dist.is_main():
+        _write(report, results_dir, tag, plots=True, out_dir=out_dir / f"seed{seeds[0]}")
+        log.info(format_report_table(report))
+    return report
+
+
+def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[str]], protocol: str, profile: str,
+              command: str, out_dir: Path, results_dir: Path, tag: str) -> dict[str, Any]:
+    """Teacher, then every method from it, for the seed in `cfg.train.seed`; writes its report as it goes."""
     all_classes = [c for g in groups for c in g]
     num_old = len(all_classes) - len(groups[-1])
-
     base_sched, inc_sched = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
     base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
     teacher_res = train_step(cfg, base_spec, out_dir / "teacher", data)
     report: dict[str, Any] = {
         "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
-        "date": _dt.date.today().isoformat(), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "date": _dt.date.today().isoformat(), "command": command,
         "classes_old": all_classes[:num_old], "classes_new": all_classes[num_old:],
         "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
                      "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base_sched.epochs,
                      "incremental_epochs": inc_sched.epochs, "batch_size": cfg.train.batch_size,
-                     "lr": base_sched.lr, "incremental_lr": inc_sched.lr},
+                     "lr": base_sched.lr, "incremental_lr": inc_sched.lr, "min_iters": cfg.train.min_iters,
+                     "new_images": cfg.incremental.new_images, "seed": cfg.train.seed},
         "methods": {},
     }
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
     report["methods"]["teacher"] = {"map50_old": round(sum(t_ap.values()) / len(t_ap), 2), "ap50_per_class": t_ap,
-                                    **{k: v for k, v in _entry(teacher_res, 0, list(t_ap)).items()
-                                       if k in ("train_seconds", "images_per_second", "peak_memory_mb")}}
+                                    **{k: v for k, v in method_entry(teacher_res, 0, list(t_ap)).items()
+                                       if k in ("train_seconds", "images_per_second", "peak_memory_mb", "images", "epochs", "iterations")}}
     if len(groups) > 2:  # teacher of a multi-step protocol only knows group 0; 'old' spans all but the last group
         report["methods"]["teacher"]["note"] = "base step only (group 0)"
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
-        mcfg, base = _method_cfg(cfg, method)
+        mcfg, base = method_config(cfg, method)
         results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
                             teacher=teacher_res.model)
         result = results[-1]
         final_models[method] = result.model
-        report["methods"][method] = _entry(result, num_old, all_classes)
+        report["methods"][method] = method_entry(result, num_old, all_classes)
         if dist.is_main():
             _write(report, results_dir, tag)
             log.info(format_report_table(report))
@@ -127,6 +164,38 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
         _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return round(statistics.fmean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+
+
+def aggregate_seeds(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several seeds' reports: every number is the mean over seeds, its sample std under `std`."""
+    first = reports[0]
+    seeds = [r["settings"]["seed"] for r in reports]
+    out = {k: v for k, v in first.items() if k != "methods"}
+    out["settings"] = {**first["settings"], "seed": seeds}
+    out["seeds"] = seeds
+    out["per_seed"] = {str(s): r["methods"] for s, r in zip(seeds, reports)}
+    out["methods"] = {}
+    for name in first["methods"]:
+        runs = [r["methods"] for r in reports if name in r["methods"]]
+        entry: dict[str, Any] = {"n_seeds": len(runs)}
+        std: dict[str, Any] = {}
+        for key, value in runs[0][name].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                entry[key], std[key] = _mean_std([m[name][key] for m in runs])
+            elif key == "ap50_per_class":
+                pairs = {c: _mean_std([m[name][key][c] for m in runs]) for c in value}
+                entry[key], std[key] = {c: p[0] for c, p in pairs.items()}, {c: p[1] for c, p in pairs.items()}
+            else:
+                entry[key] = value
+        if name != "teacher" and all("teacher" in m for m in runs):  # forgetting per seed, against that seed's teacher
+            entry["forgetting"], std["forgetting"] = _mean_std([m["teacher"]["map50_old"] - m[name]["map50_old"] for m in runs])
+        entry["std"] = std
+        out["methods"][name] = entry
+    return out
 
 
 def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, data: RunData, classes: list[str], out_dir: Path,
@@ -153,20 +222,33 @@ def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = Fa
     if plots:
         from .plots import plot_per_class_ap, plot_training_curves
         methods = {m: v["ap50_per_class"] for m, v in report["methods"].items()}
+        errors = {m: v["std"]["ap50_per_class"] for m, v in report["methods"].items() if "std" in v}
+        seeds = f", mean ± std over seeds {', '.join(map(str, report['seeds']))}" if "seeds" in report else ""
         plot_per_class_ap(methods, report["classes_old"], report["classes_new"], results_dir / f"{tag}_per_class.png",
-                          title=f"{report['dataset']} {report['protocol']} ({report['profile']}): AP50 per class")
+                          title=f"{report['dataset']} {report['protocol']} ({report['profile']}{seeds}): AP50 per class",
+                          errors=errors or None)
         if out_dir is not None and (out_dir / "sdidd" / f"step{1}" / "log.csv").exists():
             plot_training_curves(out_dir / "sdidd" / "step1" / "log.csv", results_dir / f"{tag}_sdidd_losses.png")
 
 
+def _pm(v: dict[str, Any], key: str, per_class: Optional[str] = None) -> str:
+    """'56.3' for one seed, '56.3 ± 1.2' for several (sample std over seeds)."""
+    value = v[key][per_class] if per_class else v[key]
+    std = v.get("std", {}).get(key)
+    if std is None:
+        return f"{value:.1f}"
+    return f"{value:.1f} ± {(std[per_class] if per_class else std):.1f}"
+
+
 def format_report_table(report: dict[str, Any]) -> str:
-    """The paper-style table as plain text."""
-    lines = [f"{'method':<18}{'old':>8}{'new':>8}{'all':>8}", "-" * 42]
+    """The paper-style table as plain text (mean ± std with several seeds)."""
+    w = 16 if "seeds" in report else 8
+    lines = [f"{'method':<18}{'old':>{w}}{'new':>{w}}{'all':>{w}}", "-" * (18 + 3 * w)]
     for m, v in report["methods"].items():
         if m == "teacher":
-            lines.append(f"{m:<18}{v['map50_old']:>8.1f}{'':>8}{'':>8}")
+            lines.append(f"{m:<18}{_pm(v, 'map50_old'):>{w}}")
         else:
-            lines.append(f"{m:<18}{v['map50_old']:>8.1f}{v['map50_new']:>8.1f}{v['map50_all']:>8.1f}")
+            lines.append(f"{m:<18}{_pm(v, 'map50_old'):>{w}}{_pm(v, 'map50_new'):>{w}}{_pm(v, 'map50_all'):>{w}}")
     return "\n".join(lines)
 
 
@@ -174,36 +256,50 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
     """Markdown: main table, ablations, per-class AP50, forgetting, time, command/machine/date."""
     m = report["methods"]
     old, new = report["classes_old"], report["classes_new"]
-    teacher_old = m.get("teacher", {}).get("map50_old")
+    teacher = m.get("teacher")
     out = [f"# {report['dataset']} {report['protocol']} — profile `{report['profile']}`", "",
            f"- Command: `{report['command']}`", f"- Machine: {report['machine']}", f"- Date: {report['date']}",
            f"- Settings: {json.dumps(report.get('settings', {}))}",
-           "- Metric: COCO AP@0.5 (pycocotools) per class on the test split, last epoch (no model selection).", "",
-           "## mAP50 (%)", "", "| method | old | new | all | mAP (.5:.95) all | forgetting (teacher old − old) |", "|---|---|---|---|---|---|"]
+           "- Metric: COCO AP@0.5 (pycocotools) per class on the test split, last epoch (no model selection)."]
+    if "seeds" in report:
+        out.append(f"- Seeds {', '.join(map(str, report['seeds']))}: every number is the mean ± sample standard deviation over "
+                   "the seeds; each seed trains its own teacher; `per_seed` in the JSON holds each seed's numbers.")
+    n_new = report.get("settings", {}).get("new_images")
+    if n_new:
+        out.append(f"- Small-data protocol: each incremental step (and joint's new classes) trains on {n_new} seeded images "
+                   "holding a new-class box; the old classes keep all their images for the teacher and joint.")
+    out += ["", "## mAP50 (%)", "", "| method | old | new | all | mAP (.5:.95) all | forgetting (teacher old − old) |",
+            "|---|---|---|---|---|---|"]
     for name, v in m.items():
         if name == "teacher" or name.startswith("sdidd-no"):
             continue
-        forget = f"{teacher_old - v['map50_old']:.1f}" if teacher_old is not None else ""
-        out.append(f"| {name} | {v['map50_old']:.1f} | {v['map50_new']:.1f} | {v['map50_all']:.1f} | {v['map_all']:.1f} | {forget} |")
-    if teacher_old is not None:
-        out.append(f"| teacher (base step) | {teacher_old:.1f} | | | | |")
+        if "forgetting" in v:
+            forget = _pm(v, "forgetting")
+        else:
+            forget = f"{teacher['map50_old'] - v['map50_old']:.1f}" if teacher else ""
+        out.append(f"| {name} | {_pm(v, 'map50_old')} | {_pm(v, 'map50_new')} | {_pm(v, 'map50_all')} | {_pm(v, 'map_all')} | {forget} |")
+    if teacher:
+        out.append(f"| teacher (base step) | {_pm(teacher, 'map50_old')} | | | | |")
     abl = [n for n in m if n.startswith("sdidd-no")]
     if abl:
         out += ["", "## Ablations (one SD-IDD strategy removed)", "", "| variant | old | new | all |", "|---|---|---|---|"]
         for n in (["sdidd"] if "sdidd" in m else []) + abl:
             v = m[n]
-            out.append(f"| {n} | {v['map50_old']:.1f} | {v['map50_new']:.1f} | {v['map50_all']:.1f} |")
+            out.append(f"| {n} | {_pm(v, 'map50_old')} | {_pm(v, 'map50_new')} | {_pm(v, 'map50_all')} |")
     names = [n for n in m if n != "teacher"]
     out += ["", "## AP50 per class (%)", "", "| method | " + " | ".join(old + new) + " |", "|---" * (len(old + new) + 1) + "|"]
-    if "teacher" in m:
-        out.append("| teacher | " + " | ".join(f"{m['teacher']['ap50_per_class'].get(c, float('nan')):.1f}" if c in m["teacher"]["ap50_per_class"] else "" for c in old + new) + " |")
+    if teacher:
+        out.append("| teacher | " + " | ".join(_pm(teacher, "ap50_per_class", c) if c in teacher["ap50_per_class"] else ""
+                                             for c in old + new) + " |")
     for n in names:
-        out.append(f"| {n} | " + " | ".join(f"{m[n]['ap50_per_class'][c]:.1f}" for c in old + new) + " |")
-    out += ["", "## Time", "", "| method | train s | images/s | peak memory MB |", "|---|---|---|---|"]
+        out.append(f"| {n} | " + " | ".join(_pm(m[n], "ap50_per_class", c) for c in old + new) + " |")
+    out += ["", "## Time" + (" (means over seeds)" if "seeds" in report else ""), "",
+            "| method | training images | epochs | iterations | train s | images/s | peak memory MB |", "|---|---|---|---|---|---|---|"]
     def cell(v: dict, key: str, fmt: str) -> str:
         return format(v[key], fmt) if v.get(key) else "–"  # e.g. a step resumed from a checkpoint has no speed
     for n, v in m.items():
-        out.append(f"| {n} | {cell(v, 'train_seconds', '.0f')} | {cell(v, 'images_per_second', '.2f')} | {cell(v, 'peak_memory_mb', '.0f')} |")
+        out.append(f"| {n} | {cell(v, 'images', '.0f')} | {cell(v, 'epochs', '.0f')} | {cell(v, 'iterations', '.0f')} "
+                   f"| {cell(v, 'train_seconds', '.0f')} | {cell(v, 'images_per_second', '.2f')} | {cell(v, 'peak_memory_mb', '.0f')} |")
     if "finetune" in m and "sdidd" in m and m["finetune"].get("images_per_second") and m["sdidd"].get("images_per_second"):
         ratio = m["finetune"]["images_per_second"] / m["sdidd"]["images_per_second"]
         out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25). "

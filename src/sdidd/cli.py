@@ -36,32 +36,63 @@ def _cmd_incremental(a: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_config(state: dict, overrides: list[str], command: str) -> "Config":
+    """The checkpoint's config with `key=value` overrides of the data and train sections (`data=FILE`: a dataset description)."""
+    from .config import DATASET_KEYS, config_from_dict, merge_dicts, parse_overrides
+    files = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data"]  # data=FILE beside data.key=value
+    extra = parse_overrides([o for o in overrides if o.split("=", 1)[0].strip() != "data"])
+    if files:
+        extra["data"] = _description_with(files[-1], extra.get("data") or {})
+    other = sorted(set(extra) - {"data", "train"})
+    if other:
+        raise SdiddError(f"override '{other[0]}...': {command} uses the checkpoint's model; only data.* and train.* keys "
+                         "(and data=FILE, a dataset description) apply")
+    base = dict(state.get("config") or {})
+    if isinstance(extra.get("data"), tuple):  # data=FILE replaces the checkpoint's dataset keys, keeps its sizes
+        from .data.description import load_description
+        path, keys = extra.pop("data")
+        kept = {k: v for k, v in (base.get("data") or {}).items() if k not in DATASET_KEYS}
+        base["data"] = {**kept, **load_description(path)}
+        extra = merge_dicts(extra, {"data": keys}) if keys else extra
+    return config_from_dict(merge_dicts(base, extra))
+
+
+def _description_with(path: str, keys: object) -> tuple:
+    """(description file, data.* overrides) when both data=FILE and data.key=value are given."""
+    if not isinstance(keys, dict):
+        raise SdiddError(f"override 'data': give data=FILE once (a dataset description), got also {keys!r}")
+    return path, keys
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .config import config_from_dict
     from .device import select_device
     from .engine.build import StepSpec
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.run_data import channel_view, decode_once, load_split
     from .engine.trainer import log_result
-    from .evaluate import evaluate_model, save_result_json
+    from .evaluate import coco_results, evaluate_model, save_coco_results, save_result_json
     state = load_checkpoint(a.checkpoint)
-    cfg = config_from_dict(state["config"])
+    cfg = _checkpoint_config(state, a.overrides, "eval")
     if a.data:
         cfg.data.dataset = a.data
     if a.root:
         cfg.data.root = a.root
     cfg.data.test_split = a.split or cfg.data.test_split
-    device = select_device(a.device, "--device")
+    device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = model_from_checkpoint(state, device)
     classes = list(state["classes"])
     split = decode_once(load_split(cfg.data, cfg.data.test_split), cfg.data)
     test = channel_view(split, classes, keep_empty=True)
     spec = StepSpec(classes, list(state.get("new_classes", classes)))
     groups = spec.groups
-    result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers)
+    detections: dict = {}
+    result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers, detections_out=detections)
     log_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
     save_result_json(result, out)
+    # Every detection as a COCO results list: the dataset's own image ids and category ids, for other tools.
+    results = Path(a.results) if a.results else out.with_name(out.stem + "_detections.json")
+    save_coco_results(coco_results(test.records, classes, detections, split.category_ids, cfg.data.root), results)
     from .data.transforms import EvalTransform
     from .plots import plot_model_predictions, plot_per_class_ap, plot_training_curves
     old = [classes[i] for i in groups.get("old", [])]
@@ -75,7 +106,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     log = Path(a.checkpoint).with_name("log.csv")  # the run's training log, when the checkpoint sits in its run folder
     if log.is_file():
         written.append(plot_training_curves(log, out.with_name(out.stem + "_losses.png")))
-    print(f"wrote {out} and " + ", ".join(str(w) for w in written))
+    print(f"wrote {out}, {results} (COCO results) and " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -105,9 +136,9 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import export_defects, run_demo
+    from .demo import EXPORT_FORMATS, export_defects, run_demo
     if a.export:
-        export_defects(a.export)
+        export_defects(a.export, formats=list(EXPORT_FORMATS) if a.format == "all" else [a.format])
         return 0
     run_demo(out_dir=a.out, quick=a.quick, threads=a.threads)
     return 0
@@ -127,9 +158,23 @@ def _cmd_benchmark(a: argparse.Namespace) -> int:
     dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
     command = "sdidd " + " ".join(sys.argv[1:])
-    run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}",
-                  a.results_dir, a.profile, command=command)
+    small = f"_new{cfg.incremental.new_images}" if cfg.incremental.new_images else ""  # the small-data protocol's own runs
+    run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}{small}",
+                  a.results_dir, a.profile, command=command, tag=a.tag, seeds=_seeds(a.seeds))
     return 0
+
+
+def _seeds(text: Optional[str]) -> Optional[list[int]]:
+    """'0,1,2' -> [0, 1, 2]; one line naming the option when malformed."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SdiddError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SdiddError(f"--seeds {text!r}: expected distinct integers separated by commas, e.g. 0,1,2")
+    return seeds
 
 
 def _profile_config(dataset: str, profile: str) -> str:
@@ -153,12 +198,60 @@ def _cmd_check_data(a: argparse.Namespace) -> int:
     return 1
 
 
+_PREDICT_KEYS = {"data": {"test_size", "max_size"}, "train": {"batch_size", "device"}}
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
+    from .config import parse_overrides
     from .predict import run_predict
+    # key=value items (that are no file) are overrides, as for train: data=FILE, data.test_size, data.max_size, train.*
+    items = list(a.inputs) + list(getattr(a, "overrides", []))
+    overrides = [i for i in items if "=" in i and not Path(i).exists()]
+    inputs = [i for i in items if i not in overrides]
+    files = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data"]
+    extra = parse_overrides([o for o in overrides if o.split("=", 1)[0].strip() != "data"])
+    described = files[-1] if files else None
+    for section, keys in extra.items():
+        bad = sorted(set(keys) - _PREDICT_KEYS.get(section, set())) if isinstance(keys, dict) else [""]
+        if section not in _PREDICT_KEYS or bad:
+            raise SdiddError(f"override '{section}{'.' + bad[0] if bad and bad[0] else ''}': predict takes data=FILE (a dataset "
+                             "description: its test split), data.test_size, data.max_size, train.batch_size, train.device")
+    data = extra.get("data", {})
+    train = extra.get("train", {})
+    for key, v in [(f"data.{k}", v) for k, v in data.items()] + [("train.batch_size", train.get("batch_size", 1))]:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SdiddError(f"config key '{key}': expected an integer, got {v!r}")
+    kw: dict = {}
+    if described is not None:
+        if inputs:
+            raise SdiddError(f"predict data={described}: give either images / folders or a dataset description, not both")
+        kw = _described_inputs(described)
+        inputs = kw.pop("files")
+    if not inputs:
+        raise SdiddError("predict needs images or folders (or data=FILE, a dataset description)")
     skipped: list[dict[str, str]] = []
-    run_predict(a.checkpoint, a.inputs, a.out, score_thr=a.score, batch_size=a.batch_size, device=a.device, size=a.size,
-                skipped=skipped)
+    run_predict(a.checkpoint, inputs, a.out, score_thr=a.score, batch_size=int(train.get("batch_size", a.batch_size)),
+                device=str(train.get("device", a.device)), size=data.get("test_size", a.size), skipped=skipped,
+                max_size_arg=data.get("max_size"), **kw)
     return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
+
+
+def _described_inputs(path: str) -> dict:
+    """Files, image ids, file names (relative to the dataset folder) and category ids of a description's test split (else train)."""
+    from .data.description import load_described_split, load_description
+    from .data.records import Problems
+    section = load_description(path)
+    has_test = section.get("test_ann") or section.get("test_path")
+    ds = load_described_split(section, "test" if has_test else "train", Problems(strict=True))
+    root = Path(section["root"])
+    names = []
+    for r in ds.records:
+        try:
+            names.append(Path(r.file).resolve().relative_to(root).as_posix())
+        except ValueError:
+            names.append(Path(r.file).name)
+    return {"files": [r.file for r in ds.records], "image_ids": [r.image_id for r in ds.records], "file_names": names,
+            "category_ids": dict(ds.category_ids)}
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
@@ -201,12 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", help="split (default: the checkpoint's test split)")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="JSON path (default: eval.json beside the checkpoint)")
+    s.add_argument("--results", help="COCO results JSON of the detections (default: <out>_detections.json)")
+    s.add_argument("overrides", nargs="*", help="data=FILE (a dataset description) and data.* / train.* key=value, as for train")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("add-classes", help="add the classes of a new dataset (new-class labels only) to a trained model")
     s.add_argument("teacher", help="checkpoint of the deployed model (last.pth)")
     s.add_argument("data", help="dataset description (.yaml) of the new-class images")
-    s.add_argument("--method", default="sdidd", choices=["sdidd", "erd", "finetune"])
+    s.add_argument("--method", default="sdidd+", choices=["sdidd+", "sdidd", "erd", "finetune"],
+                   help="sdidd+ (default): SD-IDD with score-space HCCD and old-class pseudo-labels; sdidd: as in the paper")
     s.add_argument("--test", help="dataset description whose test split is labelled with every class")
     s.add_argument("--old-test", help="dataset description whose test split is labelled with the old classes")
     s.add_argument("--out", help="run folder (default: runs/add_classes/<data folder>_<method>)")
@@ -217,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="an even smaller run (for tests)")
     s.add_argument("--export", metavar="DIR", help="write the built-in defects as datasets (base/, new/, all_test/) and stop")
+    s.add_argument("--format", default="coco", choices=["coco", "voc", "yolo", "all"],
+                   help="--export's format (all: DIR/coco/, DIR/voc/, DIR/yolo/)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=_cmd_demo)
 
@@ -228,25 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="config file (default: configs/<dataset>_<profile>.yaml)")
     s.add_argument("--out", help="run folder (default: runs/benchmark/<dataset>_<protocol>_<profile>)")
     s.add_argument("--results-dir", default="docs/results")
+    s.add_argument("--seeds", help="run the protocol once per seed (e.g. 0,1,2) and report mean ± std (default: train.seed)")
+    s.add_argument("--tag", help="report file name (default: <dataset>_<protocol>_<profile>[_new<N>])")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=_cmd_benchmark)
 
     s = sub.add_parser("check-data", help="validate a dataset before a long run")
-    s.add_argument("dataset", help="neu-det, deeppcb, synthetic, or a dataset folder")
+    s.add_argument("dataset", help="a dataset description (.yaml: coco, voc or yolo) or a folder holding data.yaml; "
+                   "neu-det, deeppcb, synthetic; a dataset folder (NEU-DET, DeepPCB, VOC) or a COCO .json")
     s.add_argument("--root")
-    s.add_argument("--split", default="all")
+    s.add_argument("--split", default="all", help="all, train or test")
     s.add_argument("--images-dir", help="COCO only: folder of the json's file names (default: images/ beside the json, else its folder)")
     s.set_defaults(fn=_cmd_check_data)
 
     s = sub.add_parser("predict", help="draw detections on images and write COCO-results JSON")
     s.add_argument("checkpoint")
-    s.add_argument("inputs", nargs="+", help="images or folders")
+    s.add_argument("inputs", nargs="*", help="images or folders; or data=FILE (a dataset description: its test split, "
+                   "keeping its image ids and file names); data.test_size=, data.max_size=, train.batch_size=, train.device= overrides")
     s.add_argument("--out", default="predictions")
     s.add_argument("--score", type=float, default=0.3)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
     s.add_argument("--device", default="auto")
-    s.set_defaults(fn=_cmd_predict)
+    s.set_defaults(fn=_cmd_predict, overrides=[])
 
     s = sub.add_parser("export", help="export a checkpoint (ONNX)")
     s.add_argument("checkpoint")

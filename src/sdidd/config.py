@@ -18,14 +18,15 @@ from .errors import SdiddError
 class DataConfig:
     """Which images and how they are resized."""
 
-    dataset: str = "synthetic"  # synthetic | neu-det | deeppcb | coco
+    dataset: str = "synthetic"  # synthetic | neu-det | deeppcb | coco | voc | yolo
     root: Optional[str] = None  # dataset folder; default: $SDIDD_DATA/<NEU-DET|DeepPCB>
     train_split: str = "train"
     test_split: str = "test"
     classes: Optional[list[str]] = None  # restrict a plain training run to these classes
-    train_sizes: list[int] = field(default_factory=lambda: [160])  # short sides; several = multi-scale
-    test_size: int = 160
-    max_size: int = 267
+    # Short sides; several = multi-scale. Both unset ([] and 0): from the data (data/image_size.py), else the unset one is 160.
+    train_sizes: list[int] = field(default_factory=list)
+    test_size: int = 0
+    max_size: int = 267  # long-side cap (and the cap of a size from the data)
     flip: float = 0.5
     num_train_images: Optional[int] = None  # synthetic only
     num_test_images: Optional[int] = None  # synthetic only
@@ -35,9 +36,14 @@ class DataConfig:
     train_ann: Optional[str] = None  # coco only
     test_ann: Optional[str] = None  # coco only (None: no test split)
     names: Optional[list[str]] = None  # the class names the annotations must hold, in order (from a description file)
+    train_path: Optional[str] = None  # voc / yolo: the train split (VOC list file or folder; YOLO image folder)
+    test_path: Optional[str] = None  # voc / yolo: the test split (None: no test split)
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
     check: bool = True  # decode and check every image before training
     cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)
+    # Resize and flip whole training batches on the training device (engine/gpu_batches.py) instead of per image
+    # in the loader: one short size per batch (drawn from train_sizes), a flip per image. False: as before.
+    device_transforms: bool = False
 
 
 @dataclass
@@ -66,9 +72,13 @@ class TrainConfig:
     warmup_ratio: float = 0.001
     milestones: list[int] = field(default_factory=lambda: [8, 11])
     gamma: float = 0.1
+    # A step runs at least this many iterations: small datasets get more epochs, decay epochs scale alike (engine/schedule.py)
+    min_iters: int = 500
     grad_clip: Optional[float] = None
     workers: Optional[int] = None  # loader processes; None: 0 when the pixels are in memory, else half the cores (max 4)
     amp: bool = True  # used on CUDA only
+    channels_last: bool = False  # NHWC images and conv weights (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the student's forward (pays off only if its compile time does)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     deterministic: bool = False
@@ -96,6 +106,7 @@ class DistillConfig:
 
     hccd: Optional[bool] = None  # (1) high-confidence classification distillation (= ERD cls)
     hccd_weight: float = 1.0
+    hccd_form: Optional[str] = None  # l2: raw-logit L2 (paper, release; erd, sdidd) | bce: cross-entropy on scores (sdidd+)
     # HCCD anchors also need this absolute teacher score; None: the method's default (sdidd 0.1, erd 0.0 = mu+2sigma only)
     hccd_min_score: Optional[float] = None
     erd_box: Optional[bool] = None  # ERD's box elastic response selection
@@ -110,6 +121,10 @@ class DistillConfig:
     idfd_ratio: float = 0.5
     idfd_zero_levels_without_positives: bool = False  # True: as released
     idfd_normalize: bool = True  # MSE relative to the teacher's feature energy; False: plain MSE (as released)
+    # sdidd+ (distill/pseudo_labels.py): the teacher's confident old-class detections on the new images become targets
+    pseudo_labels: Optional[bool] = None
+    pseudo_sigmas: float = 2.0  # per-class threshold: mean + this many std of the teacher's detection scores of the class
+    pseudo_overlap_iou: float = 0.5  # a detection overlapping a new-class GT box this much is dropped
     kd_mismatch: bool = False  # True: the released loss_kd (new-class student vs old-class teacher logits)
     kd_weight: float = 0.25
     temperature: float = 10.0
@@ -119,12 +134,14 @@ class DistillConfig:
     release_batch: int = 2
 
 
-METHODS = ("finetune", "erd", "sdidd", "joint")
+METHODS = ("finetune", "erd", "sdidd", "sdidd+", "joint")
 _METHOD_DEFAULTS = {
-    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0),
-    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0),
-    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False, hccd_min_score=0.0),
-    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1),
+    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
+    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
+    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
+    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1, pseudo_labels=False, hccd_form="l2"),
+    # SD-IDD with HCCD on scores (bounded gradient) plus old-class pseudo-labels on the new images (distill/pseudo_labels.py)
+    "sdidd+": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1, pseudo_labels=True, hccd_form="bce"),
 }
 
 
@@ -134,13 +151,15 @@ class IncrementalConfig:
 
     protocol: Optional[str] = None  # e.g. "3+3", "2+2+2" (first classes of the dataset order first)
     groups: Optional[list[list[str]]] = None  # explicit class groups (overrides protocol)
-    method: str = "sdidd"  # finetune | erd | sdidd | joint
+    method: str = "sdidd"  # finetune | erd | sdidd | sdidd+ | joint
     teacher: Optional[str] = None  # checkpoint of the previous step; None: train the base step first
     start_step: Optional[int] = None  # with teacher: the step to run (default: the step after the teacher's)
     new_class_init: str = "prior"  # prior (GFL bias init) | default (PyTorch default, as released)
     epochs: Optional[int] = None  # epochs of incremental steps (None: train.epochs)
     lr: Optional[float] = None  # lr of incremental steps (None: train.lr)
     milestones: Optional[list[int]] = None  # lr x gamma at these epochs of incremental steps (None: train.milestones)
+    # Small-data protocol: each step after the base trains on this many (seeded) images holding a box of its new classes
+    new_images: Optional[int] = None
 
 
 @dataclass
@@ -173,7 +192,7 @@ def qfl_weight(cfg: Config, method: str) -> float:
     """QFL weight: the config's, or the method's as-released default."""
     if cfg.loss.qfl is not None:
         return cfg.loss.qfl
-    return 2.0 if method == "sdidd" else 1.0
+    return 2.0 if method in ("sdidd", "sdidd+") else 1.0
 
 
 # ---------------------------------------------------------------- loading and validation
@@ -326,10 +345,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SdiddError(f"{p}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
-    extra = parse_overrides(overrides or [])
-    if isinstance(extra.get("data"), str):  # data=FILE: a dataset description replaces the recipe's dataset keys
+    items = list(overrides or [])
+    files = [i for i in items if i.split("=", 1)[0].strip() == "data"]  # data=FILE, kept apart from data.<key>=...
+    extra = parse_overrides([i for i in items if i not in files])
+    if files:  # a dataset description replaces the recipe's dataset keys; data.<key>=... overrides still apply after it
         from .data.description import load_description
-        described = load_description(extra.pop("data"))
+        described = load_description(files[-1].split("=", 1)[1])
         kept = {k: v for k, v in (data.get("data") or {}).items() if k not in DATASET_KEYS}
         data = {**data, "data": {**kept, **described}}
     data = merge_dicts(data, extra)
@@ -338,7 +359,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # The keys that say which dataset a run reads (as opposed to how its images are sized and checked).
 DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_train_images", "num_test_images",
-                 "images_dir", "test_images_dir", "train_ann", "test_ann", "names")
+                 "images_dir", "test_images_dir", "train_ann", "test_ann", "names", "train_path", "test_path")
 
 
 def validate(cfg: Config) -> None:
@@ -348,10 +369,14 @@ def validate(cfg: Config) -> None:
             raise SdiddError(f"config key '{key}': {msg}")
 
     d, m, t, inc = cfg.data, cfg.model, cfg.train, cfg.incremental
-    need(d.dataset in ("synthetic", "neu-det", "deeppcb", "coco"), "data.dataset", f"unknown dataset {d.dataset!r} (synthetic, neu-det, deeppcb, coco)")
-    need(len(d.train_sizes) > 0 and all(s >= 32 for s in d.train_sizes), "data.train_sizes", "needs one or more sizes >= 32")
-    need(d.test_size >= 32, "data.test_size", "must be >= 32")
-    need(d.max_size >= max(d.train_sizes + [d.test_size]), "data.max_size", "must be >= every short-side size")
+    need(d.dataset in ("synthetic", "neu-det", "deeppcb", "coco", "voc", "yolo"), "data.dataset",
+         f"unknown dataset {d.dataset!r} (synthetic, neu-det, deeppcb, coco, voc, yolo)")
+    need(all(s >= 32 for s in d.train_sizes), "data.train_sizes", "needs sizes >= 32 (or [] with data.test_size 0: from the data)")
+    need(d.test_size == 0 or d.test_size >= 32, "data.test_size", "must be >= 32 (or 0 with data.train_sizes []: from the data)")
+    need(d.max_size >= 32, "data.max_size", "must be >= 32")
+    sized = bool(d.train_sizes) or d.test_size > 0  # one set: the other is 160 (data/image_size.py)
+    need(not sized or d.max_size >= max((d.train_sizes or [160]) + [d.test_size or 160]), "data.max_size", "must be >= every short-side size")
+    need(d.names is None or (len(d.names) > 0 and all(n.strip() for n in d.names)), "data.names", "must be non-empty class names")
     need(0.0 <= d.flip <= 1.0, "data.flip", "must be in [0, 1]")
     need(d.on_bad_data in ("error", "skip"), "data.on_bad_data", "must be 'error' or 'skip'")
     need(d.classes is None or len(d.classes) > 0, "data.classes", "must not be empty")
@@ -367,6 +392,7 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
     need(t.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+    need(t.min_iters >= 0, "train.min_iters", "must be >= 0 (0: the recipe's epochs as they are)")
     need(0 < t.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
     need(all(x >= 1 for x in t.milestones) and t.milestones == sorted(t.milestones), "train.milestones", "must be increasing epochs >= 1")
     need(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 (or null: chosen from the machine)")
@@ -382,6 +408,7 @@ def validate(cfg: Config) -> None:
     need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")
     need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
+    need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
          "incremental.milestones", "must be increasing epochs >= 1")
     need(inc.start_step is None or inc.start_step >= 1, "incremental.start_step", "must be >= 1 (step 0 has no teacher)")
@@ -396,7 +423,9 @@ def validate(cfg: Config) -> None:
         need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {inc.protocol!r}")
     need(cfg.distill.release_batch >= 0, "distill.release_batch", "must be >= 0")
     need(cfg.distill.hccd_min_score is None or 0.0 <= cfg.distill.hccd_min_score < 1.0, "distill.hccd_min_score", "must be in [0, 1)")
-    for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature"):
+    need(cfg.distill.hccd_form in (None, "l2", "bce"), "distill.hccd_form", "must be 'l2' or 'bce' (or null: the method's)")
+    need(0.0 < cfg.distill.pseudo_overlap_iou <= 1.0, "distill.pseudo_overlap_iou", "must be in (0, 1]")
+    for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature", "pseudo_sigmas"):
         need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")
 
 

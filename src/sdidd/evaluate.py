@@ -18,7 +18,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["EvalResult", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json"]
+__all__ = ["EvalResult", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json",
+           "coco_results", "save_coco_results"]
 
 
 @dataclass
@@ -141,10 +142,12 @@ def evaluate_detections(records: Sequence[Any], classes: list[str], detections: 
 
 
 def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups: Optional[Mapping[str, list[int]]] = None,
-                   batch_size: int = 8, workers: Optional[int] = None) -> EvalResult:
+                   batch_size: int = 8, workers: Optional[int] = None,
+                   detections_out: Optional[dict[int, dict[str, np.ndarray]]] = None) -> EvalResult:
     """Detect on every image of `dataset` (labels = model channels) in fp32 and score with pycocotools.
 
     Under torchrun each rank detects its share of the images and the detections are gathered first.
+    `detections_out`, if given, receives them (image_id -> boxes xyxy original pixels, scores, labels).
     """
     import torch
 
@@ -160,7 +163,47 @@ def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups:
                 detections[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
     detections = dist.gather_dict(detections)
     model.train(was_training)
+    if detections_out is not None:
+        detections_out.update(detections)
     return evaluate_detections(dataset.records, dataset.classes, detections, groups=groups)
+
+
+def coco_results(records: Sequence[Any], classes: Sequence[str], detections: Mapping[int, Mapping[str, Any]],
+                 category_ids: Optional[Mapping[str, int]] = None, root: Optional[str | Path] = None) -> list[dict[str, Any]]:
+    """A COCO results list (what `COCO.loadRes` and other tools read) in the dataset's own terms.
+
+    `image_id` is the record's (a COCO json's own id), `category_id` the annotation file's own id of the
+    class (`category_ids`, by name) or else channel + 1, `bbox` [x, y, w, h] in original pixels; each
+    entry also names its image (`file_name`, relative to `root` when the image lies under it).
+    """
+    base = Path(root).resolve() if root else None
+    out: list[dict[str, Any]] = []
+    for r in records:
+        det = detections.get(int(r.image_id))
+        if det is None:
+            continue
+        name = Path(r.file)
+        if base is not None:
+            try:
+                name = name.resolve().relative_to(base)
+            except ValueError:
+                pass
+        boxes = to_numpy(det["boxes"], np.float64, 4)
+        scores, labels = to_numpy(det["scores"], np.float64), to_numpy(det["labels"], np.int64)
+        for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            cls = classes[lab]
+            cid = int(category_ids[cls]) if category_ids and cls in category_ids else lab + 1
+            out.append({"image_id": int(r.image_id), "file_name": name.as_posix(), "category_id": cid,
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(s, 5)})
+    return out
+
+
+def save_coco_results(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write a COCO results list as JSON (parent folders created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
 
 
 def _fmt(v: Optional[float], width: int = 7) -> str:

@@ -47,8 +47,11 @@ def _num(v: Any) -> float:
 # ---------------------------------------------------------------------------------------- AP bars
 
 def plot_per_class_ap(methods: Mapping[str, Mapping[str, float]], old: Sequence[str], new: Sequence[str],
-                      path: str | Path, title: str = "") -> Path:
-    """Grouped AP50 bars: x = classes (old, then new), one bar per method; missing values are left out."""
+                      path: str | Path, title: str = "", errors: Optional[Mapping[str, Mapping[str, float]]] = None) -> Path:
+    """Grouped AP50 bars: x = classes (old, then new), one bar per method; missing values are left out.
+
+    `errors` (method -> class -> std over seeds) draws error bars.
+    """
     classes = list(old) + list(new)
     names = list(methods)
     n_m = max(len(names), 1)
@@ -62,7 +65,9 @@ def plot_per_class_ap(methods: Mapping[str, Mapping[str, float]], old: Sequence[
         vals = np.array([_num(methods[m].get(c)) for c in classes])
         ok = ~np.isnan(vals)
         xs = x[ok] - 0.4 + width * (j + 0.5)
-        bars = ax.bar(xs, vals[ok], width * 0.92, label=m, color=cmap(j % 10), edgecolor="white", linewidth=0.5)
+        err = np.array([_num((errors or {}).get(m, {}).get(c)) for c in classes])[ok] if errors else None
+        bars = ax.bar(xs, vals[ok], width * 0.92, label=m, color=cmap(j % 10), edgecolor="white", linewidth=0.5,
+                      yerr=None if err is None else np.nan_to_num(err), capsize=2 if errors else 0, error_kw={"linewidth": 0.8})
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in vals[ok]], fontsize=7 if small else 8,
                      rotation=90 if small else 0, padding=2)
     ax.set_xticks(x)

@@ -11,7 +11,10 @@ is the detector's own (``GFL.postprocess``). Boxes are mapped back to the origin
      "detections": [{"image_id": 1, "file_name": ..., "category_id": 1, "bbox": [x, y, w, h], "score": s}, ...],
      "skipped": [{"path": ..., "error": ...}, ...]}         # inputs that could not be decoded
 
-``detections`` is a COCO results list (``COCO.loadRes`` accepts it as is); bbox is in original pixels.
+``detections`` is a COCO results list (``COCO.loadRes`` accepts it as is); bbox is in original pixels;
+``DIR/results.json`` holds the same list alone, the form other tools read. Predicting on a dataset
+(``sdidd predict CKPT data=FILE``: its test split) keeps the dataset's own image ids, file names (relative
+to its folder, drawn images in the same sub-folders) and, for COCO, category ids.
 An image that cannot be decoded is skipped with one line on stderr; the others are still detected and
 written, and the command then exits 2 so that scripts notice.
 """
@@ -22,7 +25,7 @@ import logging
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +74,14 @@ def _out_names(files: list[Path]) -> list[str]:
 
 def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "predictions",
                 score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None,
-                skipped: Optional[list[dict[str, str]]] = None) -> list[dict[str, Any]]:
-    """Detect on `inputs`, write drawn images and predictions.json to `out`; return per-image results (original pixels).
+                skipped: Optional[list[dict[str, str]]] = None, image_ids: Optional[Sequence[int]] = None,
+                file_names: Optional[Sequence[str]] = None, category_ids: Optional[Mapping[str, int]] = None,
+                max_size_arg: Optional[int] = None) -> list[dict[str, Any]]:
+    """Detect on `inputs`, write drawn images, predictions.json and results.json to `out`; return per-image results.
 
     Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
+    With `image_ids` and `file_names` (one per input file: a dataset's records) the results keep them, and
+    `category_ids` (class name -> id) replaces channel + 1 as the category id. `max_size_arg` overrides the long-side cap.
     """
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
@@ -84,23 +91,33 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         raise SdiddError(f"--batch-size {batch_size}: must be >= 1")
     if not 0 <= score_thr <= 1:
         raise SdiddError(f"--score {score_thr}: must be within 0..1")
-    files = find_images(inputs)  # before loading the model: input mistakes are reported at once
+    if image_ids is not None and file_names is not None:  # a dataset's records: files as given, with their ids and names
+        files = [Path(f) for f in inputs]
+        if not (len(files) == len(image_ids) == len(file_names)):
+            raise SdiddError(f"{len(files)} files, {len(image_ids)} image ids and {len(file_names)} names")
+    else:
+        files = find_images(inputs)  # before loading the model: input mistakes are reported at once
     dev = select_device(device, "--device")
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, dev).eval()
     classes = list(state["classes"])
     data = dict(state.get("config", {}).get("data", {}))
-    test_size, max_size = int(data.get("test_size", 160)), int(data.get("max_size", 267))
+    test_size, max_size = int(data.get("test_size") or 160), int(data.get("max_size") or 267)
     if size is not None:
         if size < 32:
             raise SdiddError(f"--size {size}: must be >= 32")
         max_size = max(size, round(size * max_size / test_size))  # keep the checkpoint's long/short cap ratio
         test_size = size
+    if max_size_arg is not None:
+        if max_size_arg < test_size:
+            raise SdiddError(f"data.max_size {max_size_arg}: must be >= the short side {test_size}")
+        max_size = max_size_arg
     transform = EvalTransform(test_size, max_size)
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _out_names(files)
+    names = list(file_names) if file_names is not None else _out_names(files)
+    ids = list(image_ids) if image_ids is not None else list(range(1, len(files) + 1))
     results: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = [] if skipped is None else skipped
     for idx, chunk, originals in _readable_batches(files, batch_size, bad):
@@ -113,13 +130,16 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
             boxes = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            r = {"image_id": k + 1, "file": str(f), "file_name": names[k], "width": w, "height": h,
+            r = {"image_id": int(ids[k]), "file": str(f), "file_name": names[k], "width": w, "height": h,
                  "boxes": boxes.numpy(), "scores": det["scores"].float().cpu().numpy(), "labels": det["labels"].cpu().numpy()}
             drawn = draw_detections(im.permute(1, 2, 0).numpy(), r["boxes"], r["scores"], r["labels"], classes, score_thr)
+            (out_dir / r["file_name"]).parent.mkdir(parents=True, exist_ok=True)
             _save_image(drawn, out_dir / r["file_name"])
             results.append(r)
     json_path = out_dir / "predictions.json"
-    json_path.write_text(json.dumps({**_to_json(results, classes), "skipped": bad}))
+    doc = _to_json(results, classes, category_ids or {})
+    json_path.write_text(json.dumps({**doc, "skipped": bad}))
+    (out_dir / "results.json").write_text(json.dumps(doc["detections"]))  # the bare COCO results list
     n = sum(len(r["scores"]) for r in results)
     note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
     log.info(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
@@ -147,14 +167,15 @@ def _save_image(pixels: np.ndarray, path: Path) -> None:
     im.save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
-def _to_json(results: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+def _to_json(results: list[dict[str, Any]], classes: list[str], category_ids: Mapping[str, int]) -> dict[str, Any]:
     """COCO categories/images and a COCO-results detection list (xywh, original pixels)."""
+    cid = [int(category_ids.get(c, i + 1)) for i, c in enumerate(classes)]
     dets = []
     for r in results:
         for (x1, y1, x2, y2), s, lab in zip(r["boxes"].tolist(), r["scores"].tolist(), r["labels"].tolist()):
-            dets.append({"image_id": r["image_id"], "file_name": r["file_name"], "category_id": int(lab) + 1,
+            dets.append({"image_id": r["image_id"], "file_name": r["file_name"], "category_id": cid[int(lab)],
                          "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(s, 5)})
-    return {"categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+    return {"categories": [{"id": cid[i], "name": c} for i, c in enumerate(classes)],
             "images": [{"id": r["image_id"], "file_name": r["file_name"], "path": r["file"], "width": r["width"],
                         "height": r["height"]} for r in results],
             "detections": dets}

@@ -1,4 +1,4 @@
-"""Datasets (NEU-DET, DeepPCB, COCO json, built-in synthetic), transforms and batch collation.
+"""Datasets (NEU-DET, DeepPCB, COCO json, Pascal VOC, YOLO txt, built-in synthetic), transforms and batch collation.
 
 `build_dataset` is the one entry point the rest of the project uses; `sdidd.data.check` validates a
 dataset on disk before a long run.
@@ -16,6 +16,8 @@ from sdidd.data.neu_det import NEU_CLASSES, load_neu_det
 from sdidd.data.records import DetectionDataset, Problems, Record
 from sdidd.data.synthetic import SYNTHETIC_CLASSES, load_synthetic
 from sdidd.data.transforms import EvalTransform, TrainTransform, collate
+from sdidd.data.voc import load_voc
+from sdidd.data.yolo import load_yolo
 from sdidd.errors import SdiddError
 
 __all__ = [
@@ -36,9 +38,11 @@ __all__ = [
     "load_deeppcb",
     "load_coco_json",
     "load_synthetic",
+    "load_voc",
+    "load_yolo",
 ]
 
-DATASET_NAMES = ("synthetic", "neu-det", "deeppcb", "coco")
+DATASET_NAMES = ("synthetic", "neu-det", "deeppcb", "coco", "voc", "yolo")
 _ALIASES = {"neudet": "neu-det", "neu": "neu-det", "deep-pcb": "deeppcb", "pcb": "deeppcb"}
 _FOLDERS = {"neu-det": "NEU-DET", "deeppcb": "DeepPCB"}
 ENV_VAR = "SDIDD_DATA"
@@ -47,6 +51,8 @@ _KWARGS = {
     "neu-det": {"problems"},
     "deeppcb": {"problems"},
     "coco": {"images_dir", "ann_file", "problems"},
+    "voc": {"split_path", "names", "problems"},
+    "yolo": {"split_path", "names", "problems"},
 }
 
 
@@ -91,11 +97,12 @@ def resolve_data_root(name: str, root: Optional[str | Path] = None) -> Path:
 
 
 def build_dataset(name: str, split: str, root: Optional[str | Path] = None, **kw: Any) -> DetectionDataset:
-    """Build dataset `name` (synthetic, neu-det, deeppcb, coco) for `split`.
+    """Build dataset `name` (synthetic, neu-det, deeppcb, coco, voc, yolo) for `split`.
 
     'train' and 'trainval' are accepted for every dataset. Extra keywords: `transform` (all),
     `problems` (file datasets), num_images/image_size/seed (synthetic),
-    images_dir/ann_file (coco, where `split` is only a label).
+    images_dir/ann_file (coco), split_path/names (voc, yolo; names required for yolo); for coco, voc
+    and yolo `split` is only a label and relative paths are taken from `root`.
     """
     key = canonical_name(name)
     transform = kw.pop("transform", None)
@@ -112,6 +119,17 @@ def build_dataset(name: str, split: str, root: Optional[str | Path] = None, **kw
         ds = load_neu_det(resolve_data_root(key, root), "train" if s == "trainval" else s, **kw)
     elif key == "deeppcb":
         ds = load_deeppcb(resolve_data_root(key, root), "trainval" if s == "train" else s, **kw)
+    elif key in ("voc", "yolo"):
+        if "split_path" not in kw:
+            raise SdiddError(f"dataset {key!r} needs split_path")
+        base = Path(root) if root is not None else Path(".")
+        split_path, names = base / kw.pop("split_path"), kw.pop("names", None)
+        if key == "voc":
+            ds = load_voc(split_path, root, names, **kw)
+        elif not names:
+            raise SdiddError("dataset 'yolo' needs names (the class of label index 0, 1, ...)")
+        else:
+            ds = load_yolo(split_path, names, **kw)
     else:
         try:
             images_dir, ann_file = kw.pop("images_dir"), kw.pop("ann_file")

@@ -7,6 +7,7 @@ annotation, and byte-identical duplicates (a warning only: NEU-DET ships one rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -26,7 +27,6 @@ from sdidd.data.neu_det import load_neu_det
 from sdidd.data.records import (
     DUPLICATE_IMAGE,
     PROBLEM_KINDS,
-    UNKNOWN_CLASS,
     SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     WARNING_KINDS,
@@ -34,7 +34,9 @@ from sdidd.data.records import (
     Problems,
     check_box,
 )
+from sdidd.data.description import load_described_split, load_description
 from sdidd.data.synthetic import load_synthetic
+from sdidd.data.voc import load_voc
 from sdidd.errors import SdiddError
 
 __all__ = ["CheckReport", "check_dataset", "check_images"]
@@ -150,18 +152,43 @@ def _check_boxes_only(dataset: DetectionDataset, problems: Problems) -> None:
             check_box(b, r.width, r.height, r.file, problems, tol=0.0)
 
 
+def _described(path: Path, split: str, problems: Problems) -> DetectionDataset:
+    """The records of a description's splits (`split`: all, train or test), with problems collected."""
+    d = load_description(path)
+    which = {"all": ["train", "test"], "train": ["train"], "trainval": ["train"], "test": ["test"]}.get(split)
+    if which is None:
+        raise SdiddError(f"{path}: unknown split {split!r} (all, train, test)")
+    given = {"train": d.get("train_ann") or d.get("train_path"), "test": d.get("test_ann") or d.get("test_path")}
+    loaded = [load_described_split(d, w, problems, check=True) for w in which if given[w]]
+    if not loaded:
+        raise SdiddError(f"{path}: has no {split} split")
+    classes = list(loaded[0].classes)
+    for x in loaded[1:]:  # a VOC split without names takes the names it holds: the union, by name
+        classes += [c for c in x.classes if c not in classes]
+    records = []
+    for x in loaded:
+        lut = np.asarray([classes.index(c) for c in x.classes] or [0], dtype=np.int64)
+        records += [dataclasses.replace(r, labels=lut[r.labels]) if len(r.labels) else r for r in x.records]
+    return DetectionDataset(classes, records, name=d["dataset"])
+
+
 def _detect(path: Path) -> str:
     if path.is_file() and path.suffix.lower() == ".json":
         return "coco"
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
         return "description"
+    if path.is_dir() and (path / "data.yaml").is_file():
+        return "description"
+    if (path / "Annotations").is_dir() and (path / "JPEGImages").is_dir():
+        return "voc"
     if (path / "IMAGES").is_dir() and (path / "ANNOTATIONS").is_dir():
         return "neu-det"
     if find_pcbdata(path) is not None:
         return "deeppcb"
     raise SdiddError(
-        f"{path}: cannot tell the dataset format (expected NEU-DET's IMAGES/ and ANNOTATIONS/, "
-        "DeepPCB's PCBData/, or a COCO .json file)"
+        f"{path}: cannot tell the dataset format (expected a dataset description .yaml or a folder holding "
+        "data.yaml, NEU-DET's IMAGES/ and ANNOTATIONS/, DeepPCB's PCBData/, VOC's Annotations/ and JPEGImages/, "
+        "or a COCO .json file)"
     )
 
 
@@ -172,7 +199,8 @@ def check_dataset(
     images_dir: Optional[str | Path] = None,
     workers: Optional[int] = None,
 ) -> CheckReport:
-    """Check a dataset given by name (neu-det, deeppcb, synthetic; coco needs root = the json) or path."""
+    """Check a dataset given by name (neu-det, deeppcb, synthetic; coco needs root = the json) or path
+    (a dataset description .yaml of any format, a folder holding data.yaml, a dataset folder, a COCO json)."""
     problems = Problems(strict=False)
     s = split.strip().lower()
     p = Path(name_or_path)
@@ -187,6 +215,8 @@ def check_dataset(
             if root is None:
                 raise SdiddError("check of a COCO dataset needs the .json path (as the path or as root)")
             p = Path(root)
+        elif key in ("voc", "yolo"):
+            raise SdiddError(f"check of a {key} dataset needs its dataset description (.yaml) or folder")
     key = key if key in ("synthetic",) else _detect(p)
 
     if key == "synthetic":
@@ -200,17 +230,12 @@ def check_dataset(
             ds = load_neu_det(p, "train" if s == "trainval" else s, problems=problems)
         elif key == "deeppcb":
             ds = load_deeppcb(p, "trainval" if s == "train" else s, problems=problems)
-        elif key == "description":  # a dataset description file: its splits, as training reads them
-            from .description import load_description
-            d = load_description(p)
-            parts = [(d["train_ann"], d["images_dir"]) if s in ("all", "train", "trainval") else None,
-                     (d["test_ann"], d["test_images_dir"]) if s in ("all", "test") else None]
-            loaded = [load_coco_json(img, ann, problems=problems) for ann, img in (x for x in parts if x and x[0])]
-            if not loaded:
-                raise SdiddError(f"{p}: has no {s} split")
-            ds = DetectionDataset(loaded[0].classes, [r for d_ in loaded for r in d_.records], name=str(p))
-            if d["names"] is not None and any(list(x.classes) != d["names"] for x in loaded):
-                problems.add(UNKNOWN_CLASS, f"{p}: the annotation categories {[list(x.classes) for x in loaded]} differ from names {d['names']}")
+        elif key == "description":  # a dataset description file (coco, voc, yolo): its splits, as training reads them
+            p = p / "data.yaml" if p.is_dir() else p
+            ds = _described(p, s, problems)
+            key = ds.name
+        elif key == "voc":  # a VOC folder (Annotations/ + JPEGImages/): all of its images
+            ds = load_voc(p, problems=problems)
         else:
             img_dir = Path(images_dir) if images_dir is not None else (
                 p.parent / "images" if (p.parent / "images").is_dir() else p.parent

@@ -1,13 +1,16 @@
 """Generic COCO-json detection data (bbox xywh -> xyxy).
 
-Categories are sorted by id and remapped to labels 0..C-1 in that order. Images are sorted by
-file name and get ``image_id = index + 1`` (the project-wide convention), not the json's ids.
-Images without annotations are kept with no boxes; ``iscrowd`` annotations are skipped.
+Categories are sorted by id and remapped to labels 0..C-1 in that order; a category name must be a
+non-empty string, and ids and names must be unique. Images are sorted by file name and keep the json's
+own ``id`` as ``image_id`` (so eval and predict results name the user's images). Images without
+annotations are kept with no boxes; ``iscrowd`` annotations are skipped. Every field is checked for
+its type: a wrong one is a one-line problem naming the file and the entry, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +35,50 @@ def _fail(problems: Problems, msg: str) -> DetectionDataset:
     return DetectionDataset([], [], name="coco")
 
 
+def _int(v: Any) -> int:
+    """An integer field (an int, an integral float or a numeric string); ValueError otherwise."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            raise ValueError(v)
+        return int(v)
+    if isinstance(v, (int, str)):
+        return int(v)
+    raise ValueError(v)
+
+
+def _num(v: Any) -> float:
+    """A number field (int or float, NaN/inf allowed: the box check reports them); ValueError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(v)
+    return float(v)
+
+
+def _categories(cats: Any, ann_file: Path) -> tuple[list[str], dict[int, int]]:
+    """(class names in id order, category id -> label); SdiddError naming the bad entry."""
+    if not isinstance(cats, list) or not cats:
+        raise SdiddError(f"{ann_file}: no 'categories' list")
+    parsed: dict[int, str] = {}
+    for k, c in enumerate(cats):
+        if not isinstance(c, dict):
+            raise SdiddError(f"{ann_file}: categories[{k}] is not a mapping with 'id' and 'name'")
+        try:
+            cid = _int(c.get("id"))
+        except ValueError:
+            raise SdiddError(f"{ann_file}: categories[{k}] lacks an integer 'id' (got {c.get('id')!r})") from None
+        name = c.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise SdiddError(f"{ann_file}: categories[{k}] 'name' must be a non-empty string, got {name!r}")
+        if cid in parsed:
+            raise SdiddError(f"{ann_file}: categories[{k}] repeats category id {cid}")
+        if name.strip() in parsed.values():
+            raise SdiddError(f"{ann_file}: categories[{k}] repeats class name {name.strip()!r}")
+        parsed[cid] = name.strip()
+    ids = sorted(parsed)
+    return [parsed[i] for i in ids], {i: k for k, i in enumerate(ids)}
+
+
 def load_coco_json(
     images_dir: str | Path, ann_file: str | Path, problems: Optional[Problems] = None
 ) -> DetectionDataset:
@@ -42,41 +89,57 @@ def load_coco_json(
         raise SdiddError(f"{ann_file}: COCO annotation file not found")
     try:
         data: Any = json.loads(ann_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return _fail(problems, f"{ann_file}: malformed json ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return _fail(problems, f"{ann_file}: malformed json ({type(e).__name__}: {e})")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         return _fail(problems, f"{ann_file}: not a COCO detection file (no 'images' list)")
-    cats = data.get("categories")
-    if not isinstance(cats, list) or not cats:
-        return _fail(problems, f"{ann_file}: no 'categories' list")
+    if "annotations" not in data:
+        return _fail(problems, f"{ann_file}: no 'annotations' key (a COCO detection file needs one, [] if no image has a box)")
+    if not isinstance(data["annotations"], list):
+        return _fail(problems, f"{ann_file}: 'annotations' must be a list, got {type(data['annotations']).__name__}")
     try:
-        cats = sorted(cats, key=lambda c: int(c["id"]))
-        classes = [str(c["name"]) for c in cats]
-        cat_to_label = {int(c["id"]): i for i, c in enumerate(cats)}
-    except (KeyError, TypeError, ValueError):
-        return _fail(problems, f"{ann_file}: a category lacks an integer 'id' or a 'name'")
+        classes, cat_to_label = _categories(data.get("categories"), ann_file)
+    except SdiddError as e:
+        return _fail(problems, str(e))
 
     images: dict[int, dict] = {}
+    files: set[str] = set()
     for k, im in enumerate(data["images"]):
         try:
-            iid, fname = int(im["id"]), str(im["file_name"])
-            w, h = int(im["width"]), int(im["height"])
-        except (KeyError, TypeError, ValueError):
-            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: images[{k}] lacks id/file_name/width/height")
+            if not isinstance(im, dict):
+                raise ValueError(im)
+            iid, w, h = _int(im.get("id")), _int(im.get("width")), _int(im.get("height"))
+            fname = im.get("file_name")
+            if not isinstance(fname, str) or not fname.strip():
+                raise ValueError(fname)
+        except (ValueError, OverflowError):
+            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: images[{k}] lacks an integer id/width/height or a file_name")
             continue
         if w <= 0 or h <= 0:
             problems.add(MALFORMED_ANNOTATION, f"{ann_file}: images[{k}] ({fname}) has size {w}x{h}")
             continue
-        images[iid] = {"file": fname, "width": w, "height": h, "boxes": [], "labels": []}
-
-    for k, a in enumerate(data.get("annotations") or []):
-        try:
-            iid, cid = int(a["image_id"]), int(a["category_id"])
-            x, y, bw, bh = (float(v) for v in a["bbox"])
-        except (KeyError, TypeError, ValueError):
-            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: annotations[{k}] lacks image_id/category_id/bbox")
+        if iid in images:
+            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: images[{k}] ({fname}) repeats image id {iid}")
             continue
-        if a.get("iscrowd", 0):
+        if fname in files:
+            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: images[{k}] lists file {fname} a second time")
+            continue
+        files.add(fname)
+        images[iid] = {"id": iid, "file": fname, "width": w, "height": h, "boxes": [], "labels": []}
+
+    for k, a in enumerate(data["annotations"]):
+        try:
+            if not isinstance(a, dict) or not isinstance(a.get("bbox"), (list, tuple)):
+                raise ValueError(a)
+            iid, cid = _int(a.get("image_id")), _int(a.get("category_id"))
+            x, y, bw, bh = (_num(v) for v in a["bbox"])
+        except (ValueError, OverflowError):
+            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: annotations[{k}] lacks an integer image_id/category_id or a bbox of 4 numbers")
+            continue
+        if a.get("iscrowd", 0) not in (0, 1, False, True, None):
+            problems.add(MALFORMED_ANNOTATION, f"{ann_file}: annotations[{k}] has iscrowd {a.get('iscrowd')!r} (0 or 1)")
+            continue
+        if a.get("iscrowd"):
             continue
         if iid not in images:
             problems.add(MALFORMED_ANNOTATION, f"{ann_file}: annotations[{k}] refers to unknown image id {iid}")
@@ -94,11 +157,17 @@ def load_coco_json(
             im["labels"].append(cat_to_label[cid])
 
     records: list[Record] = []
-    for idx, im in enumerate(sorted(images.values(), key=lambda d: d["file"])):
+    for im in sorted(images.values(), key=lambda d: d["file"]):
         path = images_dir / im["file"]
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except (OSError, ValueError):  # a file name the system cannot look up (NUL byte, too long)
+            found = False
+        if not found:
             problems.add(MISSING_IMAGE, f"{ann_file}: image {path} not found")
             continue
         boxes = np.stack(im["boxes"]) if im["boxes"] else np.zeros((0, 4), np.float32)
-        records.append(Record(idx + 1, str(path), im["width"], im["height"], boxes, im["labels"]))
-    return DetectionDataset(classes, records, name=f"coco/{ann_file.stem}")
+        records.append(Record(im["id"], str(path), im["width"], im["height"], boxes, im["labels"]))
+    ds = DetectionDataset(classes, records, name=f"coco/{ann_file.stem}")
+    ds.category_ids = {c: i for c, i in zip(classes, sorted(cat_to_label))}  # the json's own ids, for results files
+    return ds

@@ -1,27 +1,57 @@
 """Dataset description files: one small YAML per dataset, separate from the training recipe.
 
 A description names where a dataset lives and in which format; `sdidd train RECIPE data=FILE`,
-`sdidd add-classes TEACHER FILE` and `sdidd check-data FILE` read it. Today's format is COCO json:
+`sdidd add-classes TEACHER FILE`, `sdidd eval CKPT data=FILE` and `sdidd check-data FILE` read it.
 
 ```yaml
-format: coco
+format: coco                   # coco | voc | yolo
 path: .                        # folder the paths below are relative to (default: this file's folder)
-train: annotations/train.json  # COCO json of the training images (optional for a test-only set)
-test: annotations/test.json    # optional: COCO json of the test images
-images: images                 # image folder of both splits (or train_images / test_images per split)
-names: [patch, crack]          # optional: the class names the annotations must hold, in this order
+train: annotations/train.json  # coco: json; voc: ImageSets list, VOC folder or folder of pairs; yolo: image folder
+test: annotations/test.json    # optional (or `val`): the test split, same kinds as `train`
+images: images                 # coco only: image folder of both splits (or train_images / test_images per split)
+names: [patch, crack]          # coco, voc: optional check / class order; yolo: required (a list, or {0: a, 1: b})
 ```
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import yaml
 
 from ..errors import SdiddError
+from .coco_json import load_coco_json
+from .records import UNKNOWN_CLASS, DetectionDataset, Problems
+from .voc import load_voc
+from .yolo import load_yolo
 
-_KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "names"}
+FORMATS = ("coco", "voc", "yolo")
+_KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "names", "nc"}
+_COCO_ONLY = ("images", "train_images", "test_images")
+
+
+def _names(p: Path, desc: dict[str, Any], fmt: str) -> Optional[list[str]]:
+    """The class names of a description (a list, or YOLO's {index: name} mapping); None if not given."""
+    names = desc.get("names")
+    if names is None:
+        if fmt == "yolo":
+            raise SdiddError(f"{p}: a YOLO description needs 'names' (the class of label index 0, 1, ...)")
+        return None
+    if isinstance(names, dict):
+        keys = list(names)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) or sorted(keys) != list(range(len(keys))):
+            raise SdiddError(f"{p}: 'names' as a mapping needs the keys 0..{len(keys) - 1} (class indices), got {keys!r}")
+        names = [names[k] for k in range(len(keys))]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise SdiddError(f"{p}: 'names' must be a list of non-empty class names, got {desc.get('names')!r}")
+    names = [n.strip() for n in names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SdiddError(f"{p}: 'names' lists class {dup[0]!r} twice")
+    nc = desc.get("nc")
+    if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc != len(names)):
+        raise SdiddError(f"{p}: 'nc' is {nc!r} but 'names' has {len(names)} classes")
+    return names
 
 
 def load_description(path: str | Path) -> dict[str, Any]:
@@ -31,34 +61,76 @@ def load_description(path: str | Path) -> dict[str, Any]:
         raise SdiddError(f"{p}: dataset description not found")
     try:
         desc = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
         mark = getattr(e, "problem_mark", None)
         raise SdiddError(f"{p}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
     if not isinstance(desc, dict):
-        raise SdiddError(f"{p}: a dataset description is a mapping (format, path, train, test, images)")
+        raise SdiddError(f"{p}: a dataset description is a mapping (format, path, train, test, names)")
     unknown = sorted(set(map(str, desc)) - _KEYS)
     if unknown:
         raise SdiddError(f"{p}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(_KEYS))})")
     fmt = desc.get("format", "coco")
-    if fmt != "coco":
-        raise SdiddError(f"{p}: format {fmt!r} is not supported (coco)")
+    if fmt not in FORMATS:
+        raise SdiddError(f"{p}: format {fmt!r} is not supported ({', '.join(FORMATS)})")
     for k in ("path", "train", "test", "val", "images", "train_images", "test_images"):
-        if k in desc and not isinstance(desc[k], str):
+        if k in desc and not (isinstance(desc[k], str) and desc[k].strip()):
             raise SdiddError(f"{p}: '{k}' must be a path (a string), got {desc[k]!r}")
-    names = desc.get("names")
-    if names is not None and (not isinstance(names, list) or not names
-                              or not all(isinstance(n, str) and n.strip() for n in names)):
-        raise SdiddError(f"{p}: 'names' must be a list of non-empty class names, got {names!r}")
+    if fmt != "coco":
+        extra = [k for k in _COCO_ONLY if k in desc]
+        if extra:
+            raise SdiddError(f"{p}: '{extra[0]}' is a coco key; a {fmt} description names its image folders in train/test")
+    names = _names(p, desc, fmt)
     test = desc.get("test", desc.get("val"))
     if "train" not in desc and not test:
-        raise SdiddError(f"{p}: neither 'train' nor 'test' (annotation files) is given")
-    root = (p.parent / desc.get("path", ".")).resolve()
+        raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
+    try:
+        root = (p.parent / desc.get("path", ".")).resolve()
+    except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+        raise SdiddError(f"{p}: 'path' {desc.get('path')!r} is no usable folder ({e})") from None
+    if fmt != "coco":
+        return {"dataset": fmt, "root": str(root),
+                "train_path": str(root / desc["train"]) if "train" in desc else None,
+                "test_path": str(root / test) if test else None,
+                "names": names}
     images = desc.get("images", ".")
     out: dict[str, Any] = {
         "dataset": "coco", "root": str(root),
         "train_ann": str(root / desc["train"]) if "train" in desc else None, "test_ann": str(root / test) if test else None,
         "images_dir": str(root / desc.get("train_images", images)),
         "test_images_dir": str(root / desc.get("test_images", images)),
-        "names": list(names) if names else None,
+        "names": names,
     }
     return out
+
+
+def load_described_split(section: Mapping[str, Any], which: str, problems: Problems, check: bool = False) -> DetectionDataset:
+    """The `which` ('train' or 'test') split of a described dataset (a `data` section of coco / voc / yolo).
+
+    COCO categories that differ from the description's `names` are an error (with `check`: a counted problem).
+    """
+    fmt = section["dataset"]
+    if fmt == "coco":
+        ann = section["train_ann"] if which == "train" else section["test_ann"]
+        images = section["images_dir"] if which == "train" else (section.get("test_images_dir") or section["images_dir"])
+        if not images:
+            raise SdiddError("config key 'data.images_dir' is needed for a coco dataset")
+        if ann is None:
+            raise SdiddError(f"config key 'data.{which}_ann': the coco dataset has no {which} split")
+        ds = load_coco_json(images, ann, problems=problems)
+        names = section.get("names")
+        if names is not None and ds.classes and list(ds.classes) != list(names):  # (no classes: the file failed, said so)
+            msg = f"{ann}: categories {list(ds.classes)} differ from the description's names {list(names)}"
+            if not check:
+                raise SdiddError(msg)
+            problems.add(UNKNOWN_CLASS, msg)
+        return ds
+    split_path = section["train_path"] if which == "train" else section["test_path"]
+    if split_path is None:
+        raise SdiddError(f"config key 'data.{which}_path': the {fmt} dataset has no {which} split")
+    if fmt == "voc":
+        return load_voc(split_path, section.get("root"), section.get("names"), problems=problems)
+    if fmt == "yolo":
+        if not section.get("names"):
+            raise SdiddError("config key 'data.names': a yolo dataset needs its class names")
+        return load_yolo(split_path, section["names"], problems=problems)
+    raise SdiddError(f"dataset {fmt!r} is not a described format ({', '.join(FORMATS)})")

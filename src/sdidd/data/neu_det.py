@@ -1,4 +1,4 @@
-"""NEU-DET (steel surface defects): Pascal VOC XML boxes, the project's n % 5 == 0 test split.
+"""NEU-DET (steel surface defects): Pascal VOC XML boxes (parsed by `voc.py`), the project's n % 5 == 0 test split.
 
 Layout: ``root/IMAGES/<class>_<n>.jpg`` and ``root/ANNOTATIONS/<class>_<n>.xml``. The class of a
 box is its ``<name>``, never the file name (123 files hold boxes of another class).
@@ -11,22 +11,18 @@ becomes ``0..200``.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
-
-import numpy as np
 
 from sdidd.data.records import (
     MALFORMED_ANNOTATION,
     MISSING_ANNOTATION,
     MISSING_IMAGE,
-    UNKNOWN_CLASS,
     DetectionDataset,
     Problems,
     Record,
-    check_box,
 )
+from sdidd.data.voc import parse_voc_xml
 from sdidd.errors import SdiddError
 
 __all__ = ["NEU_CLASSES", "load_neu_det", "parse_voc_xml", "neu_split_of"]
@@ -35,57 +31,6 @@ NEU_CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_s
 NEU_SPLITS = ("train", "test", "all")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 _STEM_RE = re.compile(r"^(.+)_(\d+)$")
-
-
-def parse_voc_xml(
-    xml_path: Path, classes: list[str], problems: Problems
-) -> Optional[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Parse one VOC XML into (width, height, boxes xyxy [N,4], labels [N]); None if unusable."""
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as e:
-        problems.add(MALFORMED_ANNOTATION, f"{xml_path}: malformed XML ({e})")
-        return None
-    except OSError as e:
-        problems.add(MALFORMED_ANNOTATION, f"{xml_path}: cannot read ({e.strerror or e})")
-        return None
-    try:
-        width = int(float(root.findtext("size/width", "")))
-        height = int(float(root.findtext("size/height", "")))
-    except ValueError:
-        problems.add(MALFORMED_ANNOTATION, f"{xml_path}: missing or non-numeric <size><width>/<height>")
-        return None
-    if width <= 0 or height <= 0:
-        problems.add(MALFORMED_ANNOTATION, f"{xml_path}: image size {width}x{height} is not positive")
-        return None
-
-    boxes: list[np.ndarray] = []
-    labels: list[int] = []
-    for k, obj in enumerate(root.iter("object")):
-        name = (obj.findtext("name") or "").strip()
-        if name not in classes:
-            problems.add(
-                UNKNOWN_CLASS,
-                f"{xml_path}: object {k} has unknown class name {name!r} (valid: {', '.join(classes)})",
-            )
-            continue
-        try:
-            vals = [float(obj.findtext(f"bndbox/{t}", "")) for t in ("xmin", "ymin", "xmax", "ymax")]
-        except ValueError:
-            problems.add(MALFORMED_ANNOTATION, f"{xml_path}: object {k} ({name}) has no numeric <bndbox>")
-            continue
-        xmin, ymin, xmax, ymax = vals
-        shown = f"box xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g}"
-        # 1-based inclusive -> 0-based half-open (see module docstring).
-        box = check_box(
-            (xmin - 1, ymin - 1, xmax, ymax), width, height, f"{xml_path}: object {k} ({name})",
-            problems, shown=shown,
-        )
-        if box is not None:
-            boxes.append(box)
-            labels.append(classes.index(name))
-    arr = np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)
-    return width, height, arr, np.asarray(labels, dtype=np.int64)
 
 
 def neu_split_of(stem: str) -> Optional[str]:

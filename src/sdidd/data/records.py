@@ -67,7 +67,7 @@ Transform = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
 class Record:
     """One image's annotation, loaded without the pixels."""
 
-    image_id: int  # 1-based, stable (index in the sorted file list + 1)
+    image_id: int  # stable: a COCO json's own image id, else the index in the sorted file list + 1
     file: str  # absolute image path (or a pseudo path for generated data)
     width: int
     height: int
@@ -171,6 +171,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         # Decoded uint8 pixels by image_id, filled once per run when the split fits the memory budget
         # (see engine/run_data.py); loader workers forked after that share the tensors without copying.
         self.pixels: dict[int, torch.Tensor] = {}
+        # Class name -> the annotation file's own category id (COCO json), for results files other tools read.
+        self.category_ids: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.records)

@@ -16,7 +16,10 @@ __all__ = ["write_coco_split", "write_description"]
 
 def write_coco_split(dataset: DetectionDataset, root: Path, split: str, classes: list[str],
                      image_ids: Optional[list[int]] = None) -> Path:
-    """`root/annotations/<split>.json` and `root/images/<split>/*.png` for the boxes of `classes` (category ids 1..N)."""
+    """`root/annotations/<split>.json` and `root/images/<split>/*.png` for the boxes of `classes` (category ids 1..N).
+
+    Images are named `<split>_<record image_id>.png` and get json ids 1..N in that (sorted) order.
+    """
     out_images = root / "images" / split
     out_images.mkdir(parents=True, exist_ok=True)
     wanted = set(image_ids) if image_ids is not None else None
@@ -27,10 +30,11 @@ def write_coco_split(dataset: DetectionDataset, root: Path, split: str, classes:
             continue
         name = f"{split}_{r.image_id:06d}.png"
         Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(out_images / name)
-        images.append({"id": r.image_id, "file_name": name, "width": int(r.width), "height": int(r.height)})
+        image_id = len(images) + 1  # numbered in file-name order, as the VOC and YOLO loaders number theirs
+        images.append({"id": image_id, "file_name": name, "width": int(r.width), "height": int(r.height)})
         for (x1, y1, x2, y2), lab in zip(np.asarray(r.boxes).tolist(), np.asarray(r.labels).tolist()):
             if lab in lut:
-                anns.append({"id": len(anns) + 1, "image_id": r.image_id, "category_id": lut[lab],
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": lut[lab],
                              "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     ann = root / "annotations" / f"{split}.json"
     ann.parent.mkdir(parents=True, exist_ok=True)

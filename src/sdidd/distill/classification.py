@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .stats import above_mean_std
@@ -28,14 +29,25 @@ def hccd_loss(
     weight: float = 1.0,
     min_score: float = 0.0,
     valid: Optional[Tensor] = None,
+    form: str = "l2",
 ) -> tuple[Tensor, Tensor]:
-    """L2 between student old-class logits and teacher logits on mu+2sigma-confident anchors, mean per image, summed.
+    """Distance between student and teacher old-class outputs on mu+2sigma-confident anchors, mean per image, summed.
 
+    `form` "l2": squared difference of the raw logits (the paper and release). "bce": binary cross-entropy of
+    the student's logits against the teacher's sigmoid scores, minus its value at the teacher (0 at agreement):
+    its gradient σ(z_s) − σ(z_t) is bounded, so far-negative logits of classes absent at an anchor, which L2
+    weighs like any other, no longer dominate the step (docs/METHOD_NOTES.md, "HCCD on scores").
     Returns (loss, number of selected anchors as a 0-dim tensor).
     """
     num_old = teacher_cls.shape[-1]
     mask = confident_mask(teacher_cls, min_score=min_score, valid=valid)  # [B, A]
-    sq = (student_cls[..., :num_old] - teacher_cls.detach()).pow(2).sum(-1)  # [B, A], summed over old classes
+    s, t = student_cls[..., :num_old], teacher_cls.detach()
+    if form == "bce":
+        p = t.sigmoid()
+        sq = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+              - F.binary_cross_entropy_with_logits(t, p, reduction="none")).sum(-1)  # [B, A], >= 0
+    else:
+        sq = (s - t).pow(2).sum(-1)  # [B, A], summed over old classes
     count = mask.sum(dim=1)  # [B]
     # Masked sums instead of a mean over a possibly empty set: an empty image contributes an exact 0, never NaN.
     per_image = torch.where(mask, sq, torch.zeros_like(sq)).sum(dim=1) / (count.clamp(min=1) * num_old)

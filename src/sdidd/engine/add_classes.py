@@ -1,7 +1,8 @@
 """Add defect classes to a trained model from a dataset that labels only the new classes.
 
 The student's classes are the teacher's followed by the new dataset's; it trains on the new dataset's
-images that hold a new-class box (those boxes only) with a distillation method (default `sdidd`), and
+images that hold a new-class box (those boxes only) with a distillation method (default `sdidd+`, see
+docs/METHOD_NOTES.md; `sdidd` is the paper's), and
 is evaluated on what the user holds: a test set labelled with every class, or the old test set (old
 classes) plus the new dataset's test split (new classes). The result is a checkpoint like any other
 step's, so it can be the teacher of the next run.
@@ -62,7 +63,7 @@ def plan_classes(teacher_state: dict[str, Any], new_data: RunData, teacher_path:
     return old, new
 
 
-def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, method: str = "sdidd",
+def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, method: str = "sdidd+",
                     test: Optional[DataConfig] = None, old_test: Optional[DataConfig] = None) -> AddClassesResult:
     """Train the student of `teacher_path` on `cfg.data` (new classes only) and report old / new / all AP50."""
     state = load_checkpoint(teacher_path)
@@ -86,17 +87,17 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
         full = decode_once(load_split(test, test.test_split), test)
         res = evaluate_model(result.model, channel_view(full, spec.classes, keep_empty=True), cfg.data, device)
         teacher_res = evaluate_model(teacher.to(device), channel_view(full, old, keep_empty=True), cfg.data, device)
-        sources = {c: (f"{test.test_ann or test.test_split} (all classes)", res) for c in spec.classes}
+        sources = {c: (f"{_source(test)} (all classes)", res) for c in spec.classes}
     else:
         if old_test is not None:
             old_set = decode_once(load_split(old_test, old_test.test_split), old_test)
             res = evaluate_model(result.model, channel_view(old_set, spec.classes, keep_empty=True), cfg.data, device)
             teacher_res = evaluate_model(teacher.to(device), channel_view(old_set, old, keep_empty=True), cfg.data, device)
-            sources.update({c: (f"{old_test.test_ann or old_test.test_split} (old test set)", res) for c in old})
+            sources.update({c: (f"{_source(old_test)} (old test set)", res) for c in old})
         else:
             log.warning("warning: no old test set given (--old-test or --test): how much of the old classes was kept is not measured")
         if len(data.test):
-            sources.update({c: (f"{cfg.data.test_ann or cfg.data.test_split} (new dataset's test split)", result.metrics) for c in new})
+            sources.update({c: (f"{_source(cfg.data)} (new dataset's test split)", result.metrics) for c in new})
         else:
             log.warning("warning: the new dataset has no test split and no --test was given: the new classes are not evaluated")
     rows = []
@@ -112,6 +113,11 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
                                                                 indent=2, default=lambda v: None))
     log.info(format_add_classes(out))
     return out
+
+
+def _source(d: DataConfig) -> str:
+    """The file a test split comes from (COCO json, VOC list or folder, YOLO image folder), for the report."""
+    return str(d.test_ann or d.test_path or d.test_split)
 
 
 def format_add_classes(r: AddClassesResult) -> str:

@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader
 from ..config import Config, DistillConfig, qfl_weight, resolved_distill
 from ..data import DetectionDataset
 from ..device import select_device
+from ..distill.pseudo_labels import pseudo_labelled
 from ..errors import SdiddError
 from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
 from .incremental import extend_student, freeze_teacher
-from .run_data import RunData, channel_view, train_loader
-from .schedule import Schedule, step_schedule
+from .run_data import RunData, channel_view, cut_new_images, train_loader
+from .schedule import Schedule, log_schedule, step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class StepSpec:
     new_classes: list[str]  # the classes whose boxes this step's training images carry (trained channels)
     method: str = "joint"  # base/joint (plain GFL), finetune, erd, sdidd
     step: int = 0
+    added: Optional[list[str]] = None  # the classes this step adds (default: new_classes; a joint step also relearns the old)
+
+    @property
+    def added_classes(self) -> list[str]:
+        """The classes first learned in this step (what the small-data protocol cuts the images of)."""
+        return list(self.added if self.added is not None else self.new_classes)
 
     @property
     def num_old(self) -> int:
@@ -105,32 +112,43 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     seed_everything(t.seed + 1000 * spec.step, t.deterministic)
     if teacher is None and spec.num_old > 0:
         raise SdiddError(f"step {spec.step} ({spec.method}) has old classes {spec.classes[:spec.num_old]} but no teacher")
-    method = spec.method if spec.method in ("finetune", "erd", "sdidd") else "joint"
+    method = spec.method if spec.method in ("finetune", "erd", "sdidd", "sdidd+") else "joint"
 
+    source = data.train
+    if spec.step > 0 and cfg.incremental.new_images:  # the small-data protocol: few images of the added classes
+        source = cut_new_images(source, spec.added_classes, cfg.incremental.new_images, t.seed + spec.step)
     # Labels become model channels here, once: training keeps only the boxes of the trained classes.
-    train_set = channel_view(data.train, spec.classes, keep=spec.new_classes)
+    train_set = channel_view(source, spec.classes, keep=spec.new_classes)
     test_set = channel_view(data.test, spec.classes, keep_empty=True)
     if len(train_set) == 0:
         raise SdiddError(f"no training image holds a box of {spec.new_classes}")
-    loader = train_loader(train_set, cfg.data, t.batch_size, t.workers, t.seed + spec.step)
 
     distill = resolved_distill(cfg, method) if teacher is not None else None
+    trained = torch.zeros(len(spec.classes), dtype=torch.bool, device=device)
+    trained[spec.num_old:] = True
+    stats: dict[str, float] = {}
     if teacher is not None:
         teacher = freeze_teacher(teacher.to(device))
         model = extend_student(teacher, len(spec.classes), cfg.incremental.new_class_init).to(device)
+        if distill is not None and distill.pseudo_labels:  # old channels then train on the teacher's confident detections
+            train_set, pl = pseudo_labelled(train_set, teacher, cfg.data, device, distill.pseudo_sigmas,
+                                            distill.pseudo_overlap_iou, t.workers)
+            trained[:] = True
+            stats = {"pseudo_boxes": float(pl["pseudo_boxes"]), "pseudo_images": float(pl["pseudo_images"])}
     else:
         model = build_detector(detector_config(cfg, len(spec.classes))).to(device)
-    trained = torch.zeros(len(spec.classes), dtype=torch.bool, device=device)
-    trained[spec.num_old:] = True
-    schedule = step_schedule(cfg, teacher is not None)
+    loader = train_loader(train_set, cfg.data, t.batch_size, t.workers, t.seed + spec.step)
+    iters_per_epoch = len(loader)
+    schedule = step_schedule(cfg, teacher is not None, iters_per_epoch)
+    log_schedule(schedule, iters_per_epoch, len(train_set), t.min_iters, f"step {spec.step} ({spec.method})")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    iters_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.factor(it, iters_per_epoch))
 
     step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and _uses_teacher(distill) else None,
                 distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
-                stats={"train_seconds": 0.0, "train_images": 0.0})
+                stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": float(schedule.epochs),
+                       "iterations": float(schedule.epochs * iters_per_epoch), "images": float(len(train_set)), **stats})
     if t.resume and (step.out_dir / "last.pth").is_file():
         _resume(step, teacher is not None)
     # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).

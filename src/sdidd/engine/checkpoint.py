@@ -141,7 +141,7 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
 _RUNTIME_KEYS = frozenset({
     "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
     "train.workers", "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every",
-    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints",
+    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints", "train.min_iters",
     "incremental.teacher", "incremental.start_step", "incremental.epochs",
 })
 
@@ -151,7 +151,8 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool) -> dict[str, An
     from ..config import config_from_dict
     from .schedule import step_schedule
     flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
-    flat = {k: v for k, v in flat.items() if not k.startswith("incremental.")}  # the schedule below says what they change
+    # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
+    flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k == "incremental.new_images"}
     if not with_teacher:  # a step without a teacher ignores the distillation
         flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
     try:

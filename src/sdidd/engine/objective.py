@@ -46,7 +46,8 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
         per_batch = distill.release_batch / s_cls.shape[0] if distill.release_batch else 1.0
         if distill.hccd:
             losses["hccd"], counts["n_hccd"] = hccd_loss(
-                s_cls, t_cls, weight=distill.hccd_weight * per_batch, min_score=distill.hccd_min_score or 0.0, valid=valid
+                s_cls, t_cls, weight=distill.hccd_weight * per_batch, min_score=distill.hccd_min_score or 0.0, valid=valid,
+                form=distill.hccd_form or "l2",
             )
         if distill.erd_box:
             losses["erd_box"], counts["n_erd_box"] = erd_box_loss(

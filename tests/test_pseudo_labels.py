@@ -1,0 +1,66 @@
+"""sdidd+ old-class pseudo-labels: per-class thresholds from the teacher's own scores, overlap with new GT dropped."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sdidd.distill.pseudo_labels as pl
+from sdidd.config import config_from_dict, resolved_distill
+from sdidd.data import DetectionDataset, Record
+from sdidd.engine.build import StepSpec, build_step, detector_config
+from sdidd.engine.run_data import load_run_data
+from sdidd.model.detector import build_detector
+from test_cli_errors import TINY
+
+torch.set_num_threads(1)
+
+
+def _dets(boxes, scores, labels) -> dict:
+    return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "scores": np.asarray(scores, np.float32),
+            "labels": np.asarray(labels, np.int64)}
+
+
+def test_thresholds_are_mean_plus_k_std_of_each_old_class_scores() -> None:
+    dets = {1: _dets([[0, 0, 1, 1]] * 3, [0.1, 0.2, 0.3], [0, 0, 0]), 2: _dets([[0, 0, 1, 1]] * 2, [0.5, 0.7], [1, 1]),
+            3: _dets([[0, 0, 1, 1]], [0.9], [2])}
+    thr = pl.score_thresholds(dets, num_old=3, sigmas=2.0)
+    assert thr[0] == pytest.approx(0.2 + 2 * np.std([0.1, 0.2, 0.3]))
+    assert thr[1] == pytest.approx(0.6 + 2 * 0.1)
+    assert np.isinf(thr[2])  # one detection: no statistics, no pseudo-label
+
+
+def test_a_confident_teacher_detection_becomes_an_old_target_unless_it_overlaps_a_new_box() -> None:
+    # Channels: 0, 1 old (the teacher's), 2, 3 new; the image holds one new-class GT box (channel 2).
+    rec = Record(image_id=7, file="x.png", width=100, height=100, boxes=np.array([[50, 50, 90, 90]], np.float32),
+                 labels=np.array([2]))
+    ds = DetectionDataset(["a", "b", "c", "d"], [rec])
+    dets = {7: _dets([[5, 5, 30, 30], [52, 52, 88, 88], [60, 5, 95, 30]], [0.9, 0.95, 0.2], [0, 1, 0])}
+    out, stats = pl.add_pseudo_labels(ds, dets, thresholds=np.array([0.5, 0.5]), overlap_iou=0.5)
+    r = out.records[0]
+    assert r.labels.tolist() == [2, 0]  # the GT, then the kept detection in its old channel
+    assert r.boxes.tolist()[1] == [5, 5, 30, 30]
+    assert stats["pseudo_boxes"] == 1 and stats["per_class"] == [1, 0] and stats["pseudo_images"] == 1
+    assert ds.records[0].labels.tolist() == [2]  # the input dataset is untouched
+
+
+def test_sdidd_plus_step_trains_every_channel_on_gt_plus_pseudo_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_from_dict({**TINY, "data": {**TINY["data"], "dataset": "synthetic", "num_train_images": 8, "num_test_images": 2},
+                            "incremental": {"method": "sdidd+"}})
+    assert resolved_distill(cfg, "sdidd+").pseudo_labels and not resolved_distill(cfg, "sdidd").pseudo_labels
+    data = load_run_data(cfg.data)
+    old, new = data.classes[:2], data.classes[2:]
+    teacher = build_detector(detector_config(cfg, 2))
+    first = next(r for r in data.train.records if np.isin(r.labels, [2, 3]).any())
+    fake = {first.image_id: _dets([[1, 1, 9, 9], [2, 2, 8, 8]], [0.9, 0.3], [1, 1])}  # mean 0.6 + 0.2 std-> thr 0.6 (k=1)
+    monkeypatch.setattr(pl, "teacher_detections", lambda *a, **k: fake)
+    cfg.distill.pseudo_sigmas = 1.0
+    step = build_step(cfg, StepSpec(old + new, new, "sdidd+", 1), data, tmp_path, teacher)
+    assert step.trained.all()
+    got = next(r for r in step.loader.dataset.records if r.image_id == first.image_id)
+    assert got.labels.tolist()[-1] == 1 and got.boxes.tolist()[-1] == [1, 1, 9, 9]
+    assert step.stats["pseudo_boxes"] == 1
+    plain = build_step(cfg, StepSpec(old + new, new, "sdidd", 1), data, tmp_path / "plain", teacher)
+    assert plain.trained.tolist() == [False, False, True, True] and "pseudo_boxes" not in plain.stats
