@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["EvalResult", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json",
+__all__ = ["EvalResult", "detect", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json",
            "coco_results", "save_coco_results"]
 
 
@@ -141,13 +141,11 @@ def evaluate_detections(records: Sequence[Any], classes: list[str], detections: 
     return EvalResult(per_class=per_class, groups=group_maps, map50=map50, map=map_, num_gt=num_gt)
 
 
-def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups: Optional[Mapping[str, list[int]]] = None,
-                   batch_size: int = 8, workers: Optional[int] = None,
-                   detections_out: Optional[dict[int, dict[str, np.ndarray]]] = None) -> EvalResult:
-    """Detect on every image of `dataset` (labels = model channels) in fp32 and score with pycocotools.
+def detect(model: Any, dataset: Any, data_cfg: Any, device: Any, batch_size: int = 8,
+           workers: Optional[int] = None) -> dict[int, dict[str, np.ndarray]]:
+    """`model`'s detections on every image of `dataset` in fp32: image_id -> boxes (xyxy, original pixels), scores, labels.
 
-    Under torchrun each rank detects its share of the images and the detections are gathered first.
-    `detections_out`, if given, receives them (image_id -> boxes xyxy original pixels, scores, labels).
+    Under torchrun each rank detects its share of the images and every rank gets them all.
     """
     import torch
 
@@ -161,8 +159,19 @@ def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups:
             results = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
             for image_id, r in zip(batch["image_ids"], results):
                 detections[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
-    detections = dist.gather_dict(detections)
     model.train(was_training)
+    return dist.gather_dict(detections)
+
+
+def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups: Optional[Mapping[str, list[int]]] = None,
+                   batch_size: int = 8, workers: Optional[int] = None,
+                   detections_out: Optional[dict[int, dict[str, np.ndarray]]] = None) -> EvalResult:
+    """Detect on every image of `dataset` (labels = model channels) in fp32 and score with pycocotools.
+
+    Under torchrun each rank detects its share of the images and the detections are gathered first.
+    `detections_out`, if given, receives them (image_id -> boxes xyxy original pixels, scores, labels).
+    """
+    detections = detect(model, dataset, data_cfg, device, batch_size, workers)
     if detections_out is not None:
         detections_out.update(detections)
     return evaluate_detections(dataset.records, dataset.classes, detections, groups=groups)

@@ -5,11 +5,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import yaml
-from PIL import Image
-
 from .records import DetectionDataset
+from .write_common import boxes_of, save_description, write_images
 
 __all__ = ["write_coco_split", "write_description"]
 
@@ -20,22 +17,14 @@ def write_coco_split(dataset: DetectionDataset, root: Path, split: str, classes:
 
     Images are named `<split>_<record image_id>.png` and get json ids 1..N in that (sorted) order.
     """
-    out_images = root / "images" / split
-    out_images.mkdir(parents=True, exist_ok=True)
-    wanted = set(image_ids) if image_ids is not None else None
     lut = {dataset.classes.index(c): k + 1 for k, c in enumerate(classes)}
     images, anns = [], []
-    for i, r in enumerate(dataset.records):
-        if wanted is not None and r.image_id not in wanted:
-            continue
-        name = f"{split}_{r.image_id:06d}.png"
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(out_images / name)
+    for stem, r in write_images(dataset, root / "images" / split, split, image_ids):
         image_id = len(images) + 1  # numbered in file-name order, as the VOC and YOLO loaders number theirs
-        images.append({"id": image_id, "file_name": name, "width": int(r.width), "height": int(r.height)})
-        for (x1, y1, x2, y2), lab in zip(np.asarray(r.boxes).tolist(), np.asarray(r.labels).tolist()):
-            if lab in lut:
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": lut[lab],
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        images.append({"id": image_id, "file_name": f"{stem}.png", "width": int(r.width), "height": int(r.height)})
+        for cid, (x1, y1, x2, y2) in boxes_of(r, lut):
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cid,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     ann = root / "annotations" / f"{split}.json"
     ann.parent.mkdir(parents=True, exist_ok=True)
     ann.write_text(json.dumps({"images": images, "annotations": anns,
@@ -45,12 +34,6 @@ def write_coco_split(dataset: DetectionDataset, root: Path, split: str, classes:
 
 def write_description(root: Path, classes: list[str], train: bool = True, test: bool = True) -> Path:
     """`root/data.yaml` describing the splits written by :func:`write_coco_split`."""
-    desc: dict = {"format": "coco", "path": "."}
-    if train:
-        desc.update({"train": "annotations/train.json", "train_images": "images/train"})
-    if test:
-        desc.update({"test": "annotations/test.json", "test_images": "images/test"})
-    desc["names"] = list(classes)
-    path = root / "data.yaml"
-    path.write_text(yaml.safe_dump(desc, sort_keys=False))
-    return path
+    return save_description(root, "coco", classes,
+                            {"train": "annotations/train.json", "train_images": "images/train"} if train else None,
+                            {"test": "annotations/test.json", "test_images": "images/test"} if test else None)

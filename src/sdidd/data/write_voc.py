@@ -5,11 +5,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import yaml
-from PIL import Image
-
 from .records import DetectionDataset
+from .write_common import boxes_of, save_description, write_images
 
 __all__ = ["write_voc_split", "write_voc_description"]
 
@@ -35,19 +32,13 @@ def _xml(name: str, width: int, height: int, objects: list[tuple[str, list[float
 def write_voc_split(dataset: DetectionDataset, root: Path, split: str, classes: list[str],
                     image_ids: Optional[list[int]] = None) -> Path:
     """`root/JPEGImages/<split>_<id>.png`, `root/Annotations/<same>.xml` for the boxes of `classes`, and the split's list file."""
-    images, anns, sets = root / "JPEGImages", root / "Annotations", root / "ImageSets" / "Main"
-    for d in (images, anns, sets):
+    anns, sets = root / "Annotations", root / "ImageSets" / "Main"
+    for d in (anns, sets):
         d.mkdir(parents=True, exist_ok=True)
-    wanted = set(image_ids) if image_ids is not None else None
     keep = {dataset.classes.index(c): c for c in classes}
     stems = []
-    for i, r in enumerate(dataset.records):
-        if wanted is not None and r.image_id not in wanted:
-            continue
-        stem = f"{split}_{r.image_id:06d}"
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(images / f"{stem}.png")
-        objects = [(keep[lab], box) for box, lab in zip(np.asarray(r.boxes).tolist(), np.asarray(r.labels).tolist()) if lab in keep]
-        (anns / f"{stem}.xml").write_bytes(_xml(f"{stem}.png", int(r.width), int(r.height), objects))
+    for stem, r in write_images(dataset, root / "JPEGImages", split, image_ids):
+        (anns / f"{stem}.xml").write_bytes(_xml(f"{stem}.png", int(r.width), int(r.height), boxes_of(r, keep)))
         stems.append(stem)
     listed = sets / f"{split}.txt"
     listed.write_text("".join(f"{s}\n" for s in stems))
@@ -56,12 +47,5 @@ def write_voc_split(dataset: DetectionDataset, root: Path, split: str, classes: 
 
 def write_voc_description(root: Path, classes: list[str], train: bool = True, test: bool = True) -> Path:
     """`root/data.yaml` describing the splits written by :func:`write_voc_split`."""
-    desc: dict = {"format": "voc", "path": "."}
-    if train:
-        desc["train"] = "ImageSets/Main/train.txt"
-    if test:
-        desc["test"] = "ImageSets/Main/test.txt"
-    desc["names"] = list(classes)
-    path = root / "data.yaml"
-    path.write_text(yaml.safe_dump(desc, sort_keys=False))
-    return path
+    return save_description(root, "voc", classes, {"train": "ImageSets/Main/train.txt"} if train else None,
+                            {"test": "ImageSets/Main/test.txt"} if test else None)

@@ -25,21 +25,11 @@ log = logging.getLogger(__name__)
 Detections = dict[int, dict[str, np.ndarray]]  # image_id -> boxes [N, 4] xyxy original pixels, scores [N], labels [N]
 
 
-@torch.no_grad()
 def teacher_detections(teacher: torch.nn.Module, dataset: DetectionDataset, data_cfg: Any, device: torch.device,
-                       batch_size: int = 8, workers: Optional[int] = None) -> Detections:
+                       workers: Optional[int] = None) -> Detections:
     """The teacher's post-processed detections (score >= 0.05, NMS) on every image of `dataset`, in fp32."""
-    from ..engine import distributed as dist
-    from ..engine.run_data import test_loader
-    was_training = teacher.training
-    teacher.eval()
-    out: Detections = {}
-    for batch in test_loader(dataset, data_cfg, batch_size, workers):
-        results = teacher.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
-        for image_id, r in zip(batch["image_ids"], results):
-            out[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
-    teacher.train(was_training)
-    return dist.gather_dict(out)
+    from ..evaluate import detect
+    return detect(teacher, dataset, data_cfg, device, workers=workers)
 
 
 def score_thresholds(detections: Detections, num_old: int, sigmas: float) -> np.ndarray:
