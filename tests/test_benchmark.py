@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from sdidd.benchmark import aggregate_seeds, markdown_report, parse_methods, run_benchmark
+from sdidd.benchmark import aggregate_seeds, markdown_report, method_config, parse_methods, run_benchmark
 from sdidd.config import config_from_dict
 from sdidd.errors import SdiddError
 
@@ -26,6 +26,16 @@ def test_parse_methods_expands_ablations_and_refuses_unknown():
     assert "sdidd-no-floor" in parse_methods("ablations")
     with pytest.raises(SdiddError, match="unknown method 'foo'"):
         parse_methods("sdidd,foo")
+    assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-l2", "sdidd+dual"]
+    cfg, base = method_config(config_from_dict(TINY), "sdidd+dual")
+    assert base == "sdidd+" and cfg.distill.new_teacher == "finetune" and cfg.incremental.method == "sdidd+"
+
+
+def test_report_states_the_new_class_teachers_own_training_time():
+    report = _seed_report(0, 60.0, 50.0, 70.0)
+    report["methods"]["sdidd+dual"] = {**report["methods"].pop("sdidd"), "new_teacher_seconds": 312.0}
+    md = markdown_report(report)
+    assert "| sdidd+dual | 50.0 | 70.0 |" in md and "sdidd+dual 312 s" in md
 
 
 @pytest.mark.slow

@@ -64,3 +64,20 @@ def test_sdidd_plus_step_trains_every_channel_on_gt_plus_pseudo_labels(tmp_path:
     assert step.stats["pseudo_boxes"] == 1
     plain = build_step(cfg, StepSpec(old + new, new, "sdidd", 1), data, tmp_path / "plain", teacher)
     assert plain.trained.tolist() == [False, False, True, True] and "pseudo_boxes" not in plain.stats
+
+
+def test_a_pseudo_label_must_score_above_what_the_teacher_gives_new_class_objects() -> None:
+    # Channels 0, 1 old, 2 new. The teacher calls the new-class GT box class 0 at 0.6: a class-0 detection
+    # elsewhere at 0.5 is then as likely a confusion as an old defect and is dropped; one at 0.7 is kept.
+    rec = Record(image_id=1, file="x.png", width=100, height=100, boxes=np.array([[50, 50, 90, 90]], np.float32),
+                 labels=np.array([2]))
+    ds = DetectionDataset(["a", "b", "c"], [rec])
+    dets = {1: _dets([[51, 51, 89, 89], [5, 5, 30, 30], [5, 60, 30, 90], [60, 5, 90, 30]], [0.6, 0.5, 0.7, 0.1], [0, 0, 0, 0])}
+    ceil = pl.negative_ceilings(ds, dets, num_old=2, overlap_iou=0.5)
+    assert ceil.tolist() == pytest.approx([0.6, 0.0])
+    alone = pl.score_thresholds(dets, num_old=2, sigmas=0.0)
+    assert alone[0] == pytest.approx(0.475)  # the mean alone would keep the 0.5 detection
+    thr = pl.score_thresholds(dets, num_old=2, sigmas=0.0, ceilings=ceil)
+    assert thr[0] == pytest.approx(0.6) and np.isinf(thr[1])  # raised to the ceiling; class 1: no scores
+    out, stats = pl.add_pseudo_labels(ds, dets, thr, overlap_iou=0.5)
+    assert out.records[0].boxes.tolist()[1:] == [[5, 60, 30, 90]] and stats["pseudo_boxes"] == 1

@@ -34,10 +34,12 @@ ABLATIONS = {
     "sdidd-no-erdbox": {"erd_box": False},
     "sdidd-no-floor": {"hccd_min_score": 0.0},  # the paper's mu+2sigma HCCD selection without our score floor
 }
-# Each sdidd+ ablation removes one of its additions (sdidd itself removes both).
+# Each sdidd+ ablation removes one of its additions (sdidd itself removes both); sdidd+dual adds a second,
+# new-class teacher (the finetune run of the same step, distill/new_teacher.py).
 PLUS_ABLATIONS = {
     "sdidd+-no-pseudo": {"pseudo_labels": False},
     "sdidd+-l2": {"hccd_form": "l2"},
+    "sdidd+dual": {"new_teacher": "finetune"},
 }
 METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", "sdidd+", *ABLATIONS, *PLUS_ABLATIONS]
 
@@ -86,6 +88,8 @@ def method_entry(result: StepResult, num_old: int, classes: list[str]) -> dict[s
         "images_per_second": round(result.stats.get("images_per_second", 0.0), 2),
         "peak_memory_mb": round(result.stats.get("peak_memory_mb", 0.0), 1),
         **{k: int(result.stats[k]) for k in ("images", "epochs", "iterations") if k in result.stats},
+        # the extra training run of a fine-tuned new-class teacher (its per-iteration forward is in train_seconds)
+        **({"new_teacher_seconds": round(result.stats["new_teacher_seconds"], 1)} if "new_teacher_seconds" in result.stats else {}),
     }
 
 
@@ -152,8 +156,10 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = method_config(cfg, method)
+        # Step 1's new-class teacher (distill.new_teacher=finetune) is the finetune method's step 1: same teacher, data, seed.
         results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
-                            teacher=teacher_res.model)
+                            teacher=teacher_res.model,
+                            new_teacher_dir=lambda s: out_dir / "finetune" / f"step{s.step}" if s.step == 1 else None)
         result = results[-1]
         final_models[method] = result.model
         report["methods"][method] = method_entry(result, num_old, all_classes)
@@ -305,9 +311,15 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25). "
                 "Whole-run wall clock: data loading, evaluation and other jobs on the machine blur it; "
                 "`benchmarks/train_speed.py` times the train step alone."]
+    dual = [n for n, v in m.items() if v.get("new_teacher_seconds")]
+    if dual:  # the second teacher's own training run is not in the method's train s
+        out += ["", "A new-class teacher's own training (the fine-tune of the step, shared with `finetune` when both run): "
+                + ", ".join(f"{n} {m[n]['new_teacher_seconds']:.0f} s" for n in dual)
+                + "; its forward pass per iteration is in the method's train s."]
     if tag:
-        out += ["", f"![AP50 per class]({tag}_per_class.png)", "",
-                f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
+        out += ["", f"![AP50 per class]({tag}_per_class.png)"]
+        if "sdidd" in m:  # the curves are drawn from the sdidd run's log
+            out += ["", f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
         if out_dir is not None:
             out += ["", f"Predictions on test images (score ≥ 0.3, ground truth dashed) are written to the run folder, "
                         f"`{out_dir}/predictions_<method>.png`, and not committed: they show dataset images."]

@@ -125,6 +125,10 @@ class DistillConfig:
     pseudo_labels: Optional[bool] = None
     pseudo_sigmas: float = 2.0  # per-class threshold: mean + this many std of the teacher's detection scores of the class
     pseudo_overlap_iou: float = 0.5  # a detection overlapping a new-class GT box this much is dropped
+    # New-class teacher (distill/new_teacher.py): a model that knows the step's new classes distils their scores and
+    # their boxes at the new positives. A checkpoint path, or "finetune": fine-tune the teacher on the step's data first.
+    new_teacher: Optional[str] = None
+    new_teacher_weight: float = 1.0  # weight of its classification term (its box term uses ld_weight)
     kd_mismatch: bool = False  # True: the released loss_kd (new-class student vs old-class teacher logits)
     kd_weight: float = 0.25
     temperature: float = 10.0
@@ -425,7 +429,10 @@ def validate(cfg: Config) -> None:
     need(cfg.distill.hccd_min_score is None or 0.0 <= cfg.distill.hccd_min_score < 1.0, "distill.hccd_min_score", "must be in [0, 1)")
     need(cfg.distill.hccd_form in (None, "l2", "bce"), "distill.hccd_form", "must be 'l2' or 'bce' (or null: the method's)")
     need(0.0 < cfg.distill.pseudo_overlap_iou <= 1.0, "distill.pseudo_overlap_iou", "must be in (0, 1]")
-    for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature", "pseudo_sigmas"):
+    need(cfg.distill.new_teacher is None or (isinstance(cfg.distill.new_teacher, str) and cfg.distill.new_teacher.strip() != ""),
+         "distill.new_teacher", "must be 'finetune', a checkpoint path, or null")
+    for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature", "pseudo_sigmas",
+              "new_teacher_weight"):
         need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")
 
 

@@ -23,15 +23,19 @@ def dscrd_loss(
     T: float = 10.0,
     ld_weight: float = 0.25,
     vlr_weight: float = 0.25,
+    exclude: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Box-distribution KL on ATSS positives ('ld', predicted-IoU weighted) and on the VLR ('vlr', IoU weighted).
 
-    Summed over the batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
+    `exclude` [B, A] bool drops positives from LD (those a new-class teacher distils instead). Summed over the
+    batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
     """
     bins = student_reg.shape[-1]
     batch, num_anchors = student_reg.shape[:2]
     with torch.no_grad():
         pos = assignment.pos_mask  # stage 1 (top-k per level) + stage 2 (IoU >= mean+std, centre inside) = ATSS
+        if exclude is not None:
+            pos = pos & ~exclude
         region = assignment.vlr_region()  # [B, A], IoU(a, g*) inside the VLR, else 0
         # w_a: the student's new-class quality score (its predicted IoU), detached; 0 off the positives.
         w = student_cls[..., new_slice].detach().sigmoid().amax(dim=-1) * pos.to(student_cls.dtype)

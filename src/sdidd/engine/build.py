@@ -80,6 +80,8 @@ class Step:
     iteration: int = 0
     stats: dict[str, float] = field(default_factory=dict)
     stored_metrics: Optional[dict[str, Any]] = None  # set when resuming a finished step
+    new_teacher: Optional[GFL] = None  # distill.new_teacher: distils the new classes (engine/new_teacher.py)
+    new_channels: Optional[torch.Tensor] = None  # [N] the new teacher's channels of spec.new_classes
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -150,7 +152,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": float(schedule.epochs),
                        "iterations": float(schedule.epochs * iters_per_epoch), "images": float(len(train_set)), **stats})
     if t.resume and (step.out_dir / "last.pth").is_file():
-        _resume(step, teacher is not None)
+        _resume(step, teacher is not None, distilled=distill is not None and method != "finetune")
     # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).
     step.ddp_model = dist.wrap(model, device)
     if dist.is_dist():
@@ -159,7 +161,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     return step
 
 
-def _resume(step: Step, with_teacher: bool) -> None:
+def _resume(step: Step, with_teacher: bool, distilled: bool) -> None:
     """Load last.pth into `step` after checking it belongs to the same experiment."""
     last = step.out_dir / "last.pth"
     cfg, spec = step.cfg, step.spec
@@ -167,7 +169,7 @@ def _resume(step: Step, with_teacher: bool) -> None:
     check_fits(state, last, "resume", spec.classes, cfg.model.backbone, spec.step, hint="use another train.out_dir or train.resume=false")
     load_weights(step.model, state["model"], f"the model of this config ({cfg.model.backbone}); use another train.out_dir or train.resume=false")
     # Resuming under other settings would silently mix two experiments (or reuse a finished one as this one's result).
-    changed = settings_changed(state.get("config", {}), cfg.to_dict(), with_teacher)
+    changed = settings_changed(state.get("config", {}), cfg.to_dict(), with_teacher, distilled)
     if int(state.get("epoch", 0)) > step.schedule.epochs:
         changed.insert(0, f"{state['epoch']} epochs trained (now {step.schedule.epochs})")
     if changed:

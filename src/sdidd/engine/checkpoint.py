@@ -146,14 +146,14 @@ _RUNTIME_KEYS = frozenset({
 })
 
 
-def _effective_settings(cfg: dict[str, Any], with_teacher: bool) -> dict[str, Any]:
+def _effective_settings(cfg: dict[str, Any], with_teacher: bool, distilled: bool = True) -> dict[str, Any]:
     """Flatten a config dict to 'section.key' entries that shape the training of one step."""
     from ..config import config_from_dict
     from .schedule import step_schedule
     flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
     # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
     flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k == "incremental.new_images"}
-    if not with_teacher:  # a step without a teacher ignores the distillation
+    if not (with_teacher and distilled):  # a step without a teacher, or a fine-tune, ignores the distillation
         flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
     try:
         sched = step_schedule(config_from_dict(cfg), with_teacher)
@@ -163,9 +163,9 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool) -> dict[str, An
     return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
 
 
-def settings_changed(saved: dict[str, Any], current: dict[str, Any], with_teacher: bool) -> list[str]:
+def settings_changed(saved: dict[str, Any], current: dict[str, Any], with_teacher: bool, distilled: bool = True) -> list[str]:
     """'key old (now new)' for each training setting that differs between a checkpoint's config and this run's."""
-    old, new = _effective_settings(saved, with_teacher), _effective_settings(current, with_teacher)
+    old, new = _effective_settings(saved, with_teacher, distilled), _effective_settings(current, with_teacher, distilled)
     return [f"{k} {old[k]!r} (now {new[k]!r})" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
 
 

@@ -14,20 +14,22 @@ import torch
 from torch import Tensor
 
 from ..config import DistillConfig, LossConfig
-from ..distill import dscrd_loss, erd_box_loss, hccd_loss, idfd_loss, kd_mismatch_loss
+from ..distill import dscrd_loss, erd_box_loss, hccd_loss, idfd_loss, kd_mismatch_loss, new_class_positives, new_teacher_loss
 from ..model.detector import DenseOutput
 from ..model.gfl_loss import assign_targets, gfl_loss
 
 
 def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Tensor, gt_labels: Tensor,
               image_sizes: Tensor, trained: Tensor, loss_cfg: LossConfig, qfl_weight: float,
-              distill: Optional[DistillConfig]) -> tuple[Tensor, dict[str, Tensor]]:
+              distill: Optional[DistillConfig], new_teacher: Optional[DenseOutput] = None,
+              new_channels: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss and a log dict of detached 0-dim tensors: 'loss', 'loss_<part>' per term and the 'n_*' counts.
 
     gt_boxes [B, G, 4] xyxy input pixels and gt_labels [B, G] (model channels, -1 = padding) are the
     step's GTs (the new classes in an incremental step); image_sizes [B, 2] (h, w) locate each image in
     the padded canvas. Distillation runs when both `teacher` and `distill` are given; the old classes
-    are the teacher's channels, the new ones the student's channels from there on.
+    are the teacher's channels, the new ones the student's channels from there on. `new_teacher` (with
+    `new_channels` [N], its channels of the step's new classes) distils the new classes' scores and boxes.
     """
     grid = student.grid
     asg = assign_targets(grid, gt_boxes, gt_labels)
@@ -55,9 +57,11 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
                 T=distill.temperature, weight=distill.erd_box_weight * per_batch,
                 scale_by_stride=distill.erd_box_stride_fix, valid=valid,
             )
+        # With a new-class teacher, the boxes of new-class positives are distilled from it, not from the old teacher.
+        new_pos = new_class_positives(asg, num_old) if new_teacher is not None else None
         if distill.dscrd:
             r = dscrd_loss(s_cls, s_reg, t_reg, asg, new_slice, T=distill.temperature,
-                           ld_weight=distill.ld_weight * per_batch, vlr_weight=distill.vlr_weight * per_batch)
+                           ld_weight=distill.ld_weight * per_batch, vlr_weight=distill.vlr_weight * per_batch, exclude=new_pos)
             losses["ld"], losses["vlr"] = r["ld"], r["vlr"]
             counts["n_ld"], counts["n_vlr"] = r["n_pos"], r["n_vlr"]
         if distill.idfd:
@@ -66,6 +70,12 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
                 zero_levels_without_positives=distill.idfd_zero_levels_without_positives,
                 normalize=distill.idfd_normalize,
             )
+        if new_teacher is not None and new_channels is not None:
+            r = new_teacher_loss(s_cls, s_reg, new_teacher.cls.float().index_select(-1, new_channels), new_teacher.reg.float(),
+                                 asg, num_old, T=distill.temperature, cls_weight=distill.new_teacher_weight * per_batch,
+                                 ld_weight=distill.ld_weight * per_batch, min_score=distill.hccd_min_score or 0.0, valid=valid)
+            losses["new_cls"], losses["new_ld"] = r["new_cls"], r["new_ld"]
+            counts["n_new_cls"], counts["n_new_ld"] = r["n_new_cls"], r["n_new_ld"]
         if distill.kd_mismatch:
             losses["kd"] = kd_mismatch_loss(s_cls, t_cls, asg.pos_mask, new_slice, weight=distill.kd_weight,
                                             num_per_level=grid.num_per_level)

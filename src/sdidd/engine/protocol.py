@@ -44,11 +44,15 @@ def step_specs(groups: list[list[str]], method: str) -> list[StepSpec]:
 
 
 def run_steps(cfg: Config, data: RunData, specs: list[StepSpec], step_dir: Callable[[StepSpec], Path],
-              teacher: Optional[GFL] = None) -> list[StepResult]:
-    """Train `specs` in order; each step with old classes learns from the previous step's model (or `teacher`)."""
+              teacher: Optional[GFL] = None, new_teacher_dir: Optional[Callable[[StepSpec], Optional[Path]]] = None) -> list[StepResult]:
+    """Train `specs` in order; each step with old classes learns from the previous step's model (or `teacher`).
+
+    `new_teacher_dir` says where a step's fine-tuned new-class teacher lives (`distill.new_teacher=finetune`).
+    """
     results = []
     for spec in specs:
-        result = train_step(cfg, spec, step_dir(spec), data, teacher=teacher if spec.num_old else None)
+        nt_dir = new_teacher_dir(spec) if new_teacher_dir is not None else None
+        result = train_step(cfg, spec, step_dir(spec), data, teacher=teacher if spec.num_old else None, new_teacher_dir=nt_dir)
         log_result(result.metrics, f"step {spec.step} ({spec.method}): classes {spec.classes}, last epoch, test split")
         results.append(result)
         teacher = result.model
@@ -79,4 +83,6 @@ def run_incremental(cfg: Config, method: Optional[str] = None, out_dir: Optional
         check_fits(state, cfg.incremental.teacher, f"be the teacher of step {spec.step} ({spec.method})",
                    spec.classes[: spec.num_old], cfg.model.backbone)
         teacher = model_from_checkpoint(state)
-    return run_steps(cfg, data, specs[start:], lambda s: out / f"step{s.step}_{s.method}", teacher)
+    # A step's fine-tuned new-class teacher is the finetune method's run of that step when the teacher is shared.
+    return run_steps(cfg, data, specs[start:], lambda s: out / f"step{s.step}_{s.method}", teacher,
+                     lambda s: out / f"step{s.step}_finetune" if s.step == specs[start].step else None)

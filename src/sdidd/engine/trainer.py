@@ -19,6 +19,7 @@ from ..model.detector import GFL
 from . import distributed as dist
 from .build import Step, StepSpec, build_step
 from .checkpoint import rng_state, save_epoch
+from .new_teacher import attach_new_teacher
 from .objective import step_loss
 from .run_data import RunData, load_run_data
 from .step_log import StepLog
@@ -52,7 +53,9 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
             out = step.ddp_model(images)
             with torch.no_grad():
                 t_out = step.teacher(images) if step.teacher is not None else None
-            loss, parts = step_loss(out, t_out, boxes, labels, sizes, step.trained, cfg.loss, step.qfl_weight, step.distill)
+                nt_out = step.new_teacher(images) if step.new_teacher is not None else None
+            loss, parts = step_loss(out, t_out, boxes, labels, sizes, step.trained, cfg.loss, step.qfl_weight, step.distill,
+                                    nt_out, step.new_channels)
         # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
         finite = torch.isfinite(loss.detach())
         if dist.any_rank(~finite):
@@ -91,7 +94,7 @@ def speed_setup(step: Step) -> None:
     """Flag-guarded speed settings of a built step: train.channels_last (weights) and train.compile (student forward)."""
     t = step.cfg.train
     if t.channels_last:  # in place: the optimizer keeps the same parameters
-        for model in (step.model, step.teacher):
+        for model in (step.model, step.teacher, step.new_teacher):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     if t.compile:
@@ -130,11 +133,17 @@ def save_step(step: Step, epoch: int, metrics: Optional[dict] = None) -> Path:
 
 
 def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[RunData] = None,
-               teacher: Optional[GFL] = None) -> StepResult:
-    """Train one step and evaluate its last epoch on the test split (every class the step knows)."""
-    step = build_step(cfg, spec, data or load_run_data(cfg.data), Path(out_dir), teacher)
+               teacher: Optional[GFL] = None, new_teacher_dir: Optional[Path] = None) -> StepResult:
+    """Train one step and evaluate its last epoch on the test split (every class the step knows).
+
+    With `distill.new_teacher=finetune` the new-class teacher is fine-tuned first into `new_teacher_dir`
+    (default: `<out_dir>/new_teacher`).
+    """
+    data = data or load_run_data(cfg.data)
+    step = build_step(cfg, spec, data, Path(out_dir), teacher)
     if step.stored_metrics is not None:  # a finished step is not retrained
         return StepResult(step.model, step.out_dir / "last.pth", EvalResult(**step.stored_metrics), dict(step.stats))
+    attach_new_teacher(step, data, teacher, Path(new_teacher_dir or Path(out_dir) / "new_teacher"))
     if dist.is_main():
         step.out_dir.mkdir(parents=True, exist_ok=True)
         (step.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -1,0 +1,55 @@
+"""Where a model's new-class AP goes: all test images vs the test images that hold no old-class defect.
+
+A model trained on new-class images only never sees an old defect labelled as "not new", so on a test image
+holding old defects it may call them new ones: false positives that lower the new classes' AP although they
+were learnt well. Evaluating the new classes again on the test images without any old-class box separates
+"learnt the new classes" from "confuses old defects for new ones".
+
+    python benchmarks/new_class_confusion.py --recipe neu_det_quick --old 3 joint=RUN/joint/step1/last.pth \
+        finetune=RUN/finetune/step1/last.pth sdidd=RUN/sdidd/step1/last.pth
+
+Prints a Markdown table (new-class mAP50 on both sets, and the number of images in each).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sdidd.config import load_config
+from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from sdidd.engine.run_data import channel_view, load_run_data
+from sdidd.evaluate import evaluate_model
+
+
+def main() -> None:
+    """Evaluate each NAME=CHECKPOINT's new classes (channels --old and up) on both test sets; print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="neu_det_quick", help="recipe or YAML of the data (test split, sizes)")
+    ap.add_argument("--old", type=int, required=True, help="number of old classes (the first ones of the checkpoints)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = load_config(a.recipe, [])
+    data = load_run_data(cfg.data)
+    rows = []
+    for item in a.models:
+        name, path = item.split("=", 1)
+        state = load_checkpoint(path)
+        classes = list(state["classes"])
+        test = channel_view(data.test, classes, keep_empty=True)
+        clean = test.with_records([r for r in test.records if not (r.labels < a.old).any()])
+        model = model_from_checkpoint(state).eval()
+        new = {"new": list(range(a.old, len(classes)))}
+        scores = [evaluate_model(model, ds, cfg.data, torch.device("cpu"), groups=new).groups["new"] for ds in (test, clean)]
+        rows.append((name, *scores))
+        n_all, n_clean = len(test.records), len(clean.records)
+    print(f"| model | new mAP50, all {n_all} test images | new mAP50, the {n_clean} without old defects |")
+    print("|---|---|---|")
+    for name, full, clean_ap in rows:
+        print(f"| {name} | {full:.1f} | {clean_ap:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
