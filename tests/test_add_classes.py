@@ -11,6 +11,8 @@ import yaml
 from sdidd.cli import main
 from sdidd.demo import export_defects
 from sdidd.engine.checkpoint import load_checkpoint
+from test_cli_errors import error_line as one_line
+from test_cli_errors import run_cli as run
 
 torch.set_num_threads(1)
 TINY = {
@@ -20,18 +22,6 @@ TINY = {
               "warmup_iters": 2, "milestones": [2]},
     "incremental": {"epochs": 1},
 }
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

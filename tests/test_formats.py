@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sdidd.cli import main, setup_logging
+from sdidd.cli import setup_logging
 from sdidd.config import DataConfig, config_from_dict, load_config
 from sdidd.data.check import check_dataset
 from sdidd.data.description import load_described_split, load_description
@@ -32,6 +31,8 @@ from sdidd.data.voc import load_voc
 from sdidd.data.yolo import labels_dir_of, load_yolo
 from sdidd.demo import export_defects
 from sdidd.errors import SdiddError
+from test_cli_errors import error_line as one_line
+from test_cli_errors import run_cli as run
 
 FORMATS = ("coco", "voc", "yolo")
 
@@ -43,26 +44,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     written = export_defects(root, num_train_images=12, num_test_images=6, image_size=64, formats=FORMATS)
     assert set(written) == {f"{f}/{n}" for f in FORMATS for n in ("base", "new", "all_test")}
     return root
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """`sdidd argv` in this process: (exit code, stdout, stderr); an exception fails the test."""
-    capsys.readouterr()
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except Exception:  # noqa: BLE001 - a traceback is what these tests forbid
-        pytest.fail(f"sdidd {' '.join(argv)} raised:\n{traceback.format_exc()}")
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line(err: str) -> str:
-    """The single `error: ` line of stderr."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def _records(desc: Path, which: str) -> tuple[list[str], list[Record]]:
