@@ -26,7 +26,9 @@ def test_parse_methods_expands_ablations_and_refuses_unknown():
     assert "sdidd-no-floor" in parse_methods("ablations")
     with pytest.raises(SdiddError, match="unknown method 'foo'"):
         parse_methods("sdidd,foo")
-    assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-l2", "sdidd+dual"]
+    assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-l2", "sdidd+-hccd-x8", "sdidd+dual"]
+    cfg, base = method_config(config_from_dict(TINY), "sdidd+-hccd-x8")
+    assert base == "sdidd+" and cfg.distill.hccd_weight == 8.0 and cfg.incremental.method == "sdidd+"
     cfg, base = method_config(config_from_dict(TINY), "sdidd+dual")
     assert base == "sdidd+" and cfg.distill.new_teacher == "finetune" and cfg.incremental.method == "sdidd+"
 
@@ -100,3 +102,18 @@ def test_benchmark_over_two_seeds_trains_a_teacher_per_seed(tmp_path):
     a, b = (torch.load(tmp_path / "run" / f"seed{s}" / "teacher" / "last.pth", weights_only=False)["model"] for s in (0, 1))
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # the seeds trained different models
     assert "±" in (tmp_path / "res" / "s.md").read_text() and (tmp_path / "res" / "s_per_class.png").is_file()
+
+
+def test_report_compares_each_method_with_sdidd_and_joint_seed_by_seed():
+    reports = []
+    for seed, (sd, plus, joint) in enumerate([(50.0, 53.0, 70.0), (56.0, 57.0, 70.0), (53.0, 58.0, 75.0)]):
+        r = _seed_report(seed, 60.0, sd, sd)
+        r["methods"]["plus"] = {**r["methods"]["sdidd"], "map50_all": plus}
+        r["methods"]["joint"] = {**r["methods"]["sdidd"], "map50_all": joint}
+        reports.append(r)
+    md = markdown_report(aggregate_seeds(reports))
+    # plus − sdidd per seed: +3, +1, +5 -> +3.0 ± 2.0; plus / joint: 53/70, 57/70, 58/75 -> 0.782 ± 0.029
+    assert "| plus | +3.0 ± 2.0 | 0.782 ± 0.029 |" in md, md
+    assert "| sdidd | – | 0.740 ± 0.052 |" in md  # 50/70, 56/70, 53/75
+    single = markdown_report(reports[0])
+    assert "| plus | +3.0 | 0.757 |" in single

@@ -597,3 +597,18 @@ def test_hccd_on_scores_is_zero_at_agreement_and_its_gradient_is_bounded_where_l
         (g,) = torch.autograd.grad(loss, student)
         grads[form] = g.abs().max().item()
     assert grads["bce"] < grads["l2"] / 100, grads
+
+
+def test_score_form_hccd_at_8x_weight_pulls_like_l2_where_the_teacher_is_unsure():
+    """The ablation sdidd+-hccd-x8 rests on this: σ'(0) = 1/4, so 8 × the score form's gradient equals L2's 2·Δz
+    for a small drift at a teacher score of 0.5, and stays far below it at a confident (score 0.98) class."""
+    teacher = torch.full((1, 40, 2), -12.0)
+    teacher[0, :4, 0] = 0.0   # score 0.5 (an unsure, weak class)
+    teacher[0, :4, 1] = 4.0   # score 0.98 at the same anchors
+    student = teacher.clone()
+    student[0, :4] -= 0.01    # a small drift of both logits
+    student.requires_grad_(True)
+    g = {form: torch.autograd.grad(hccd_loss(student, teacher, weight=w, form=form)[0], student)[0][0, 0]
+         for form, w in (("l2", 1.0), ("bce", 8.0))}
+    assert torch.allclose(g["bce"][0], g["l2"][0], rtol=1e-2), g
+    assert g["bce"][1].abs() < g["l2"][1].abs() / 5, g

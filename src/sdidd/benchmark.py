@@ -39,6 +39,9 @@ ABLATIONS = {
 PLUS_ABLATIONS = {
     "sdidd+-no-pseudo": {"pseudo_labels": False},
     "sdidd+-l2": {"hccd_form": "l2"},
+    # The score form's gradient σ'(z_t)·Δz is at most 1/4·Δz, L2's is 2·Δz: at 8× weight the two pull alike where
+    # the teacher's score is 0.5, while the score form still lets go of classes the teacher scores near 0.
+    "sdidd+-hccd-x8": {"hccd_weight": 8.0},
     "sdidd+dual": {"new_teacher": "finetune"},
 }
 METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", "sdidd+", *ABLATIONS, *PLUS_ABLATIONS]
@@ -258,6 +261,36 @@ def format_report_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _paired_comparison(report: dict[str, Any]) -> list[str]:
+    """Markdown rows: each method's all-class mAP50 minus SD-IDD's, and over joint's, taken per seed (same teacher).
+
+    Seeds share a teacher between methods, so the per-seed difference is the fairer test of "beats SD-IDD" than
+    two means with their separate spreads; both are shown.
+    """
+    runs = list(report["per_seed"].values()) if "per_seed" in report else [report["methods"]]
+    refs = [r for r in ("sdidd", "joint") if all(r in m for m in runs)]
+    if not refs:
+        return []
+    head = ["method"] + [f"all − {r}'s all" if r == "sdidd" else "all / joint's all" for r in refs]
+    out = ["", "## Against SD-IDD and joint training" + (" (per seed, then mean ± std)" if "per_seed" in report else ""), "",
+           "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in report["methods"]:
+        if name in ("teacher", "joint") or not all(name in m for m in runs):
+            continue
+        cells = []
+        for r in refs:
+            if r == name:
+                cells.append("–")
+                continue
+            vals = [m[name]["map50_all"] - m[r]["map50_all"] if r == "sdidd" else m[name]["map50_all"] / m[r]["map50_all"]
+                    for m in runs]
+            digits = 1 if r == "sdidd" else 3
+            cell = format(statistics.fmean(vals), f"+.{digits}f" if r == "sdidd" else f".{digits}f")
+            cells.append(cell + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
 def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: Optional[Path] = None) -> str:
     """Markdown: main table, ablations, per-class AP50, forgetting, time, command/machine/date."""
     m = report["methods"]
@@ -292,6 +325,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         for n in (["sdidd"] if "sdidd" in m else []) + abl:
             v = m[n]
             out.append(f"| {n} | {_pm(v, 'map50_old')} | {_pm(v, 'map50_new')} | {_pm(v, 'map50_all')} |")
+    out += _paired_comparison(report)
     names = [n for n in m if n != "teacher"]
     out += ["", "## AP50 per class (%)", "", "| method | " + " | ".join(old + new) + " |", "|---" * (len(old + new) + 1) + "|"]
     if teacher:
