@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
     a = ap.parse_args()
+    bad = [m for m in a.models if "=" not in m or not m.split("=", 1)[1]]
+    if bad:
+        ap.error(f"{bad[0]!r}: expected NAME=CHECKPOINT")
     torch.set_num_threads(a.threads)
     cfg = load_config(a.recipe, [])
     data = load_run_data(cfg.data)
@@ -52,4 +55,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sdidd.errors import SdiddError
+    try:
+        main()
+    except SdiddError as e:  # a missing or foreign checkpoint: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
