@@ -117,3 +117,38 @@ def test_report_compares_each_method_with_sdidd_and_joint_seed_by_seed():
     assert "| sdidd | – | 0.740 ± 0.052 |" in md  # 50/70, 56/70, 53/75
     single = markdown_report(reports[0])
     assert "| plus | +3.0 | 0.757 |" in single
+
+
+def test_multi_step_report_counts_forgetting_on_the_teachers_classes_and_shows_each_step():
+    report = _seed_report(0, 60.0, 45.0, 70.0)
+    report.update(protocol="1+1+1", classes_old=["a", "b"], classes_new=["c"])
+    report["methods"]["sdidd"].update(ap50_per_class={"a": 50.0, "b": 40.0, "c": 70.0}, map50_all=53.33, map50_all_step1=55.0)
+    md = markdown_report(report)
+    assert "| sdidd | 45.0 | 70.0 | 53.3 | 1.0 | 10.0 |" in md, md  # 60 − 50 on the teacher's class a, not 60 − 45
+    assert "| sdidd | | 55.0 | 53.3 |" in md and "| teacher | 60.0 |" in md
+    report["methods"]["sdidd"]["train_seconds_all_steps"] = 5.0
+    assert "all incremental steps together: sdidd 5 s" in markdown_report(report)
+    two = aggregate_seeds([report, {**report, "settings": {"seed": 1}}])
+    assert two["methods"]["sdidd"]["forgetting"] == 10.0 and two["methods"]["sdidd"]["map50_all_step1"] == 55.0
+    report["methods"]["joint"] = {**report["methods"]["sdidd"], "map50_all": 0.0}  # a joint that learnt nothing
+    assert "| sdidd | – | – |" in markdown_report(report)
+
+
+@pytest.mark.slow
+def test_benchmark_of_a_three_step_protocol_reports_every_step(tmp_path):
+    cfg = config_from_dict({**TINY, "incremental": {"protocol": "2+1+1"}})
+    report = run_benchmark(cfg, ["finetune", "joint"], tmp_path / "run", tmp_path / "res", "tiny", command="test", tag="m")
+    assert report["classes_old"] == ["scratch", "spot", "patch"] and report["classes_new"] == ["crack"]
+    for m in ("finetune", "joint"):
+        assert 0.0 <= report["methods"][m]["map50_all_step1"] <= 100.0, m
+        assert (tmp_path / "run" / m / "step2" / "last.pth").is_file()
+        assert report["methods"][m]["train_seconds_all_steps"] > report["methods"][m]["train_seconds"] > 0
+    assert "## After each step" in (tmp_path / "res" / "m.md").read_text()
+
+
+def test_a_report_of_a_validation_run_says_it_was_not_measured_on_the_test_split():
+    report = _seed_report(0, 60.0, 50.0, 70.0)
+    assert "per class on the test split" in markdown_report(report)
+    report["settings"]["val_fraction"] = 0.2
+    md = markdown_report(report)
+    assert "**validation split**: 20% of the training images" in md and "on the test split" not in md

@@ -12,6 +12,7 @@ import sdidd.data.records as records_mod
 import sdidd.engine.run_data as run_data
 from sdidd.benchmark import run_benchmark
 from sdidd.config import config_from_dict
+from sdidd.errors import SdiddError
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.checkpoint import save_epoch
 from sdidd.engine.run_data import load_run_data
@@ -81,6 +82,31 @@ def test_small_data_protocol_cuts_only_the_images_of_the_added_classes() -> None
     # A joint step relearns every class but the cut applies to the classes it adds.
     joint = step_specs([old, new], "joint")[1]
     assert joint.new_classes == old + new and joint.added_classes == new
+
+
+def test_val_fraction_holds_out_the_same_training_images_for_every_seed_and_never_reads_the_test_split(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = load_run_data(config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 40, "num_test_images": 2}}).data)
+    cfg = config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 40, "num_test_images": 2, "val_fraction": 0.25},
+                            "train": {"seed": 3}})
+    data = load_run_data(cfg.data)
+    train_ids, val_ids = {r.image_id for r in data.train.records}, {r.image_id for r in data.test.records}
+    assert len(val_ids) == 10 and len(train_ids) == 30 and not train_ids & val_ids
+    assert train_ids | val_ids == {r.image_id for r in full.train.records}
+    again = load_run_data(config_from_dict({"data": {**vars(cfg.data), "val_fraction": 0.25}, "train": {"seed": 7}}).data)
+    assert {r.image_id for r in again.test.records} == val_ids  # one validation split, whatever the training seed
+    assert "validation split" in data.test.name
+    # On a real dataset the test split is not even parsed.
+    root = make_neu(tmp_path / "NEU-DET")
+    splits: list[str] = []
+    real = run_data.load_split
+    monkeypatch.setattr(run_data, "load_split", lambda c, split: splits.append(split) or real(c, split))
+    load_run_data(config_from_dict({"data": {"dataset": "neu-det", "root": str(root), "val_fraction": 0.5}}).data)
+    assert splits == ["train"]
+    with pytest.raises(SdiddError, match="val_fraction"):
+        config_from_dict({"data": {"val_fraction": 1.0}})
+    with pytest.raises(SdiddError, match="holds out 0 of the 40 training images"):
+        run_data.hold_out(full.train, 0.01)
 
 
 def test_keep_checkpoints_keeps_last_and_the_newest_epochs(tmp_path: Path) -> None:

@@ -147,7 +147,8 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
                      "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base_sched.epochs,
                      "incremental_epochs": inc_sched.epochs, "batch_size": cfg.train.batch_size,
                      "lr": base_sched.lr, "incremental_lr": inc_sched.lr, "min_iters": cfg.train.min_iters,
-                     "new_images": cfg.incremental.new_images, "seed": cfg.train.seed},
+                     "new_images": cfg.incremental.new_images, "seed": cfg.train.seed,
+                     **({"val_fraction": cfg.data.val_fraction} if cfg.data.val_fraction else {})},
         "methods": {},
     }
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
@@ -166,6 +167,10 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
         result = results[-1]
         final_models[method] = result.model
         report["methods"][method] = method_entry(result, num_old, all_classes)
+        for k, r in enumerate(results[:-1], start=1):  # multi-step protocols: every class seen so far, after step k
+            report["methods"][method][f"map50_all_step{k}"] = round(r.metrics.map50, 2)
+        if len(results) > 1:  # the time table is the last step's; this is the whole chain's
+            report["methods"][method]["train_seconds_all_steps"] = round(sum(r.stats.get("train_seconds", 0.0) for r in results), 1)
         if dist.is_main():
             _write(report, results_dir, tag)
             log.info(format_report_table(report))
@@ -173,6 +178,12 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
         _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
+
+
+def forgetting(teacher: dict[str, Any], entry: dict[str, Any]) -> float:
+    """The teacher's mean AP50 on its own classes minus the model's on the same classes (2+2+2: group 0 only)."""
+    own = list(teacher["ap50_per_class"])
+    return round(statistics.fmean(teacher["ap50_per_class"][c] - entry["ap50_per_class"][c] for c in own), 2)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -201,7 +212,7 @@ def aggregate_seeds(reports: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 entry[key] = value
         if name != "teacher" and all("teacher" in m for m in runs):  # forgetting per seed, against that seed's teacher
-            entry["forgetting"], std["forgetting"] = _mean_std([m["teacher"]["map50_old"] - m[name]["map50_old"] for m in runs])
+            entry["forgetting"], std["forgetting"] = _mean_std([forgetting(m["teacher"], m[name]) for m in runs])
         entry["std"] = std
         out["methods"][name] = entry
     return out
@@ -261,6 +272,23 @@ def format_report_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _steps_table(m: dict[str, Any]) -> list[str]:
+    """Markdown rows of a multi-step protocol (2+2+2): mAP50 over every class seen so far after each step."""
+    steps = sorted({int(k[len("map50_all_step"):]) for v in m.values() for k in v if k.startswith("map50_all_step")})
+    if not steps:
+        return []
+    head = ["step 0 (teacher)", *(f"step {k}" for k in steps), f"step {steps[-1] + 1} (final, all)"]
+    out = ["", "## After each step: mAP50 over every class seen so far", "", "| method | " + " | ".join(head) + " |",
+           "|---" * (len(head) + 1) + "|"]
+    if "teacher" in m:
+        out.append(f"| teacher | {_pm(m['teacher'], 'map50_old')} |" + " |" * (len(head) - 1))
+    for name, v in m.items():
+        if name != "teacher":
+            cells = [_pm(v, f"map50_all_step{k}") if f"map50_all_step{k}" in v else "" for k in steps]
+            out.append(f"| {name} | | " + " | ".join(cells) + f" | {_pm(v, 'map50_all')} |")
+    return out
+
+
 def _paired_comparison(report: dict[str, Any]) -> list[str]:
     """Markdown rows: each method's all-class mAP50 minus SD-IDD's, and over joint's, taken per seed (same teacher).
 
@@ -279,7 +307,7 @@ def _paired_comparison(report: dict[str, Any]) -> list[str]:
             continue
         cells = []
         for r in refs:
-            if r == name:
+            if r == name or (r == "joint" and any(m[r]["map50_all"] <= 0 for m in runs)):  # no ratio to a joint at 0
                 cells.append("–")
                 continue
             vals = [m[name]["map50_all"] - m[r]["map50_all"] if r == "sdidd" else m[name]["map50_all"] / m[r]["map50_all"]
@@ -300,6 +328,10 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
            f"- Command: `{report['command']}`", f"- Machine: {report['machine']}", f"- Date: {report['date']}",
            f"- Settings: {json.dumps(report.get('settings', {}))}",
            "- Metric: COCO AP@0.5 (pycocotools) per class on the test split, last epoch (no model selection)."]
+    val = report.get("settings", {}).get("val_fraction")
+    if val:  # a hyper-parameter study: nothing here was measured on the test split
+        out[-1] = (f"- Metric: COCO AP@0.5 (pycocotools) per class on a **validation split**: {val:.0%} of the training "
+                   "images held out (`data.val_fraction`), not the test split; last epoch.")
     if "seeds" in report:
         out.append(f"- Seeds {', '.join(map(str, report['seeds']))}: every number is the mean ± sample standard deviation over "
                    "the seeds; each seed trains its own teacher; `per_seed` in the JSON holds each seed's numbers.")
@@ -307,7 +339,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
     if n_new:
         out.append(f"- Small-data protocol: each incremental step (and joint's new classes) trains on {n_new} seeded images "
                    "holding a new-class box; the old classes keep all their images for the teacher and joint.")
-    out += ["", "## mAP50 (%)", "", "| method | old | new | all | mAP (.5:.95) all | forgetting (teacher old − old) |",
+    out += ["", "## mAP50 (%)", "", "| method | old | new | all | mAP (.5:.95) all | forgetting (teacher − model on the teacher's classes) |",
             "|---|---|---|---|---|---|"]
     for name, v in m.items():
         if name == "teacher" or name.startswith("sdidd-no"):
@@ -315,7 +347,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         if "forgetting" in v:
             forget = _pm(v, "forgetting")
         else:
-            forget = f"{teacher['map50_old'] - v['map50_old']:.1f}" if teacher else ""
+            forget = f"{forgetting(teacher, v):.1f}" if teacher else ""
         out.append(f"| {name} | {_pm(v, 'map50_old')} | {_pm(v, 'map50_new')} | {_pm(v, 'map50_all')} | {_pm(v, 'map_all')} | {forget} |")
     if teacher:
         out.append(f"| teacher (base step) | {_pm(teacher, 'map50_old')} | | | | |")
@@ -325,6 +357,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         for n in (["sdidd"] if "sdidd" in m else []) + abl:
             v = m[n]
             out.append(f"| {n} | {_pm(v, 'map50_old')} | {_pm(v, 'map50_new')} | {_pm(v, 'map50_all')} |")
+    out += _steps_table(m)
     out += _paired_comparison(report)
     names = [n for n in m if n != "teacher"]
     out += ["", "## AP50 per class (%)", "", "| method | " + " | ".join(old + new) + " |", "|---" * (len(old + new) + 1) + "|"]
@@ -345,6 +378,10 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         out += ["", f"Distillation overhead (SD-IDD time per image / fine-tune time per image): **{ratio:.2f}** (goal ≤ 1.25). "
                 "Whole-run wall clock: data loading, evaluation and other jobs on the machine blur it; "
                 "`benchmarks/train_speed.py` times the train step alone."]
+    chained = [n for n, v in m.items() if v.get("train_seconds_all_steps")]
+    if chained:
+        out += ["", "The rows above are the last step's; train s of all incremental steps together: "
+                + ", ".join(f"{n} {m[n]['train_seconds_all_steps']:.0f} s" for n in chained) + "."]
     dual = [n for n, v in m.items() if v.get("new_teacher_seconds")]
     if dual:  # the second teacher's own training run is not in the method's train s
         out += ["", "A new-class teacher's own training (the fine-tune of the step, shared with `finetune` when both run): "

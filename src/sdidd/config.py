@@ -41,6 +41,10 @@ class DataConfig:
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
     check: bool = True  # decode and check every image before training
     cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)
+    # > 0: hold out this fraction of the training images (a fixed seeded draw, the same for every run) as a validation
+    # split; training uses the rest and every evaluation reads the held-out images instead of the test split. This is
+    # how hyper-parameters are chosen without touching the test split (engine/run_data.py).
+    val_fraction: float = 0.0
     # Resize and flip whole training batches on the training device (engine/gpu_batches.py) instead of per image
     # in the loader: one short size per batch (drawn from train_sizes), a flip per image. False: as before.
     device_transforms: bool = False
@@ -402,6 +406,7 @@ def validate(cfg: Config) -> None:
     need(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 (or null: chosen from the machine)")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
     need(d.cache_gb >= 0, "data.cache_gb", "must be >= 0")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1): the fraction of training images held out")
     need(t.gamma > 0, "train.gamma", "must be positive")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive (or null: no clipping)")
     need(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")

@@ -151,6 +151,7 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool, distilled: bool
     from ..config import config_from_dict
     from .schedule import step_schedule
     flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
+    flat.setdefault("data.val_fraction", 0.0)  # a checkpoint from before the key trained on every training image
     # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
     flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k == "incremental.new_images"}
     if not (with_teacher and distilled):  # a step without a teacher, or a fine-tune, ignores the distillation

@@ -81,12 +81,34 @@ def load_run_data(cfg: DataConfig) -> RunData:
     """Parse, check and (memory permitting) decode both splits once for a whole run."""
     train = decode_once(load_split(cfg, cfg.train_split), cfg)
     choose_image_size(cfg, train.records)  # the recipe's sizes, or from the data when it leaves them unset
+    if cfg.val_fraction > 0:  # choose hyper-parameters here: the test split is not even read
+        train, val = hold_out(train, cfg.val_fraction)
+        return RunData(list(train.classes), train, val)
     no_test = cfg.test_ann is None if cfg.dataset == "coco" else cfg.test_path is None
     if cfg.dataset in FORMATS and no_test:  # a dataset without a test split (add-classes says so)
         return RunData(list(train.classes), train, DetectionDataset(train.classes, [], name="no test split"))
     # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
     test = decode_once(load_split(cfg, cfg.test_split), cfg)
     return RunData(list(train.classes), train, test)
+
+
+VAL_SEED = 20260  # one validation split per dataset, whatever train.seed: methods and seeds are compared on the same images
+
+
+def hold_out(train: DetectionDataset, fraction: float) -> tuple[DetectionDataset, DetectionDataset]:
+    """Split `train` into (the rest, a validation split of round(fraction * n) seeded-random images)."""
+    n = len(train.records)
+    k = int(round(fraction * n))
+    if k < 1 or k >= n:
+        raise SdiddError(f"data.val_fraction={fraction}: holds out {k} of the {n} training images; "
+                         "it must leave at least one image on each side")
+    chosen = set(np.random.default_rng(VAL_SEED).choice(n, k, replace=False).tolist())
+    rest = train.with_records([r for i, r in enumerate(train.records) if i not in chosen])
+    val = train.with_records([r for i, r in enumerate(train.records) if i in chosen])
+    val.name = f"validation split ({k} of the {n} training images, data.val_fraction={fraction})"
+    log.info(f"evaluating on a validation split: {k} of the {n} training images held out (seed {VAL_SEED}), "
+             f"training on the other {n - k}; the test split is not read")
+    return rest, val
 
 
 def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str] | None = None,
