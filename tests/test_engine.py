@@ -16,7 +16,7 @@ from sdidd.errors import SdiddError
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.checkpoint import save_epoch
 from sdidd.engine.run_data import load_run_data
-from sdidd.engine.protocol import step_specs
+from sdidd.engine.protocol import evaluated_on, step_specs
 from sdidd.engine.run_data import cut_new_images
 from sdidd.engine.schedule import step_schedule
 from sdidd.model.detector import build_detector
@@ -96,6 +96,7 @@ def test_val_fraction_holds_out_the_same_training_images_for_every_seed_and_neve
     again = load_run_data(config_from_dict({"data": {**vars(cfg.data), "val_fraction": 0.25}, "train": {"seed": 7}}).data)
     assert {r.image_id for r in again.test.records} == val_ids  # one validation split, whatever the training seed
     assert "validation split" in data.test.name
+    assert evaluated_on(cfg) == "validation split" and evaluated_on(config_from_dict({})) == "test split"
     # On a real dataset the test split is not even parsed.
     root = make_neu(tmp_path / "NEU-DET")
     splits: list[str] = []

@@ -24,8 +24,13 @@ def run_train(cfg: Config, data: Optional[RunData] = None) -> StepResult:
         if c not in data.classes:
             raise SdiddError(f"config key 'data.classes': {c!r} is not a class of {cfg.data.dataset} ({', '.join(data.classes)})")
     result = train_step(cfg, StepSpec(list(chosen), list(chosen), "joint", 0), cfg.train.out_dir, data)
-    log_result(result.metrics, f"{cfg.name}: last epoch, test split")
+    log_result(result.metrics, f"{cfg.name}: last epoch, {evaluated_on(cfg)}")
     return result
+
+
+def evaluated_on(cfg: Config) -> str:
+    """What a run's numbers are measured on: the test split, or the validation split `data.val_fraction` holds out."""
+    return "validation split" if cfg.data.val_fraction else "test split"
 
 
 def step_specs(groups: list[list[str]], method: str) -> list[StepSpec]:
@@ -53,7 +58,7 @@ def run_steps(cfg: Config, data: RunData, specs: list[StepSpec], step_dir: Calla
     for spec in specs:
         nt_dir = new_teacher_dir(spec) if new_teacher_dir is not None else None
         result = train_step(cfg, spec, step_dir(spec), data, teacher=teacher if spec.num_old else None, new_teacher_dir=nt_dir)
-        log_result(result.metrics, f"step {spec.step} ({spec.method}): classes {spec.classes}, last epoch, test split")
+        log_result(result.metrics, f"step {spec.step} ({spec.method}): classes {spec.classes}, last epoch, {evaluated_on(cfg)}")
         results.append(result)
         teacher = result.model
     return results
