@@ -95,6 +95,14 @@ def test_add_classes_chain_and_refusals(exported: Path, base_model: Path, tmp_pa
     state = load_checkpoint(tmp_path / "step2" / "last.pth")
     assert state["classes"] == ["scratch", "spot", "patch", "crack", "dent", "stain"] and state["step"] == 2
 
+    # With a validation split held out of the new images, the new classes are measured there, and the table says so.
+    rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--out", str(tmp_path / "val"),
+                      "data.val_fraction=0.25", "train.threads=1"], capsys)
+    assert rc == 0, err
+    table = json.loads((tmp_path / "val" / "add_classes.json").read_text())
+    (where,) = {r["test_set"] for r in table["rows"] if r["group"] == "new"}
+    assert where.startswith("validation split (") and "data.val_fraction=0.25" in where, where
+
     # Refusals, one line each.
     rc, _, err = run(["add-classes", str(base_model), str(exported / "base" / "data.yaml"), "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "the teacher already knows 'scratch'" in one_line(err)

@@ -96,8 +96,9 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
             sources.update({c: (f"{_source(old_test)} (old test set)", res) for c in old})
         else:
             log.warning("warning: no old test set given (--old-test or --test): how much of the old classes was kept is not measured")
-        if len(data.test):
-            sources.update({c: (f"{_source(cfg.data)} (new dataset's test split)", result.metrics) for c in new})
+        if len(data.test):  # with data.val_fraction the step was evaluated on the images it held out, and says so
+            where = data.test.name if cfg.data.val_fraction else f"{_source(cfg.data)} (new dataset's test split)"
+            sources.update({c: (where, result.metrics) for c in new})
         else:
             log.warning("warning: the new dataset has no test split and no --test was given: the new classes are not evaluated")
     rows = []
