@@ -30,10 +30,11 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 
 from sdidd.config import LossConfig, config_from_dict, qfl_weight, resolved_distill
+from sdidd.engine import precision
 from sdidd.engine.objective import step_loss
 from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.detector import DetectorConfig, build_detector
-from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import matmul_gflops, seconds_per_call, step_flops  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 class _FeatureExtractor(nn.Module):
@@ -61,6 +62,25 @@ def _batch(n: int, size: int, num_classes: int, gen: torch.Generator) -> tuple[T
     return images, boxes, labels
 
 
+def _pad(boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The loader's padded form: [B, G, 4] boxes, [B, G] labels (-1 = padding)."""
+    g, device = max(len(b) for b in boxes), boxes[0].device
+    pad_boxes = torch.zeros(len(boxes), g, 4, device=device)
+    pad_labels = torch.full((len(boxes), g), -1, dtype=torch.long, device=device)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        pad_boxes[i, : len(b)], pad_labels[i, : len(lab)] = b, lab
+    return pad_boxes, pad_labels
+
+
+def padded_batch(n: int, size: int, num_classes: int, gen: torch.Generator,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(images, boxes [B,G,4], labels [B,G], sizes [B,2]) of :func:`_batch` in the engine's padded form on `device`."""
+    images, boxes, labels = _batch(n, size, num_classes, gen)
+    pad_boxes, pad_labels = _pad(boxes, labels)
+    sizes = torch.tensor([[size, size]] * n)
+    return images.to(device), pad_boxes.to(device), pad_labels.to(device), sizes.to(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time both detectors and write the Markdown report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,23 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the forward (CUDA, and CPUs with native bf16)")
     p.add_argument("--out", default=None, help="Markdown path (default docs/results/train_speed_<device>.md)")
     a = p.parse_args(argv)
     if a.head_channels != a.fpn_channels:
         p.error("torchvision's FCOS head works at the FPN width: use --head-channels equal to --fpn-channels")
     device = torch.device(a.device)
+    use_amp = precision.amp_enabled(a.amp, device)
     gen = torch.Generator().manual_seed(0)
     images, boxes, labels = _batch(a.batch, a.size, a.num_classes, gen)
     images = images.to(device)
     boxes = [b.to(device) for b in boxes]
     labels = [lab.to(device) for lab in labels]
-    # The loader's padded form: [B, G, 4] boxes, [B, G] labels (-1 = padding), [B, 2] image sizes.
-    g = max(len(b) for b in boxes)
-    pad_boxes = torch.zeros(a.batch, g, 4, device=device)
-    pad_labels = torch.full((a.batch, g), -1, dtype=torch.long, device=device)
-    for i, (b, lab) in enumerate(zip(boxes, labels)):
-        pad_boxes[i, : len(b)], pad_labels[i, : len(lab)] = b, lab
+    pad_boxes, pad_labels = _pad(boxes, labels)
     sizes = torch.tensor([[a.size, a.size]] * a.batch, device=device)
     all_channels = torch.ones(a.num_classes, dtype=torch.bool, device=device)
     cfg = DetectorConfig(num_classes=a.num_classes, backbone=a.backbone, pretrained=False, fpn_channels=a.fpn_channels,
@@ -102,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     loss_cfg = LossConfig()
 
     def gfl_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+        with precision.autocast(device, use_amp):
             out = gfl(images)
-            loss, _ = step_loss(out, None, pad_boxes, pad_labels, sizes, all_channels, loss_cfg, 1.0, None)
+        loss, _ = step_loss(precision.float_output(out), None, pad_boxes, pad_labels, sizes, all_channels, loss_cfg, 1.0, None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ftargets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
 
     def fcos_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+        with precision.autocast(device, use_amp):  # torchvision's FCOS computes its losses inside its forward
             loss = sum(fcos(fimages, ftargets).values())
         fopt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,22 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     trained = torch.arange(a.num_classes, device=device) >= num_old
 
     def teacher_forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+        with torch.no_grad(), precision.autocast(device, use_amp):
             teacher(images)
 
-    def incremental_step(method: str):
+    with torch.no_grad(), precision.autocast(device, use_amp):
+        cached = teacher(images)  # what a warm teacher cache hands the step (engine/teacher_cache.py)
+
+    def incremental_step(method: str, teacher_cached: bool = False):
         student = extend_student(teacher, a.num_classes).to(device).train()
         sopt = torch.optim.SGD([q for q in student.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
         distill = None if method == "finetune" else resolved_distill(full_cfg, method)
         weight = qfl_weight(full_cfg, method)
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.amp):
+            with precision.autocast(device, use_amp):
+                out = student(images)
                 t_out = None
                 if distill is not None:  # fine-tune runs no teacher, as in the engine
                     with torch.no_grad():
-                        t_out = teacher(images)
-                loss, _ = step_loss(student(images), t_out, pad_boxes, new_labels, sizes, trained, loss_cfg, weight, distill)
+                        t_out = cached if teacher_cached else teacher(images)
+            t_out = precision.float_output(t_out) if t_out is not None else None
+            loss, _ = step_loss(precision.float_output(out), t_out, pad_boxes, new_labels, sizes, trained, loss_cfg, weight, distill)
             sopt.zero_grad(set_to_none=True)
             loss.backward()
             sopt.step()
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {"sdidd GFL": gfl_step, "torchvision FCOS": fcos_step,
              "incremental: fine-tune": incremental_step("finetune"),
              "incremental: ERD": incremental_step("erd"), "incremental: SD-IDD": incremental_step("sdidd"),
+             "incremental: SD-IDD, teacher cached": incremental_step("sdidd", teacher_cached=True),
              "teacher forward alone": teacher_forward,
              "loss alone: GFL": loss_only("finetune"), "loss alone: GFL + SD-IDD terms": loss_only("sdidd")}
     # Rounds interleave the steps, so a slow spell of a shared machine hits all of them; the median is reported.
@@ -192,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
              f"- Machine: {machine}; torch {torch.__version__}", f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.backbone} (random init), FPN P3-P7 {a.fpn_channels} ch, head {a.head_convs} convs, "
-             f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, bf16 autocast: {a.amp}; "
+             f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, precision: {precision.describe(a.amp, device)}; "
              f"full train step (forward + loss + backward + SGD), mean of {a.iters} steps, median of {a.rounds} interleaved rounds "
              f"after {a.warmup} warm-up steps",
              "- Seeds: one process, one random initialisation (seed 0), timed as the median of interleaved rounds; no seed "
@@ -209,6 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"SD-IDD step split (per image): fine-tune step {t_ft * 1e3:.1f} ms; the teacher's forward {t_teacher * 1e3:.1f} ms "
               f"({100 * t_teacher / t_ft:.1f} % of it); SD-IDD's distillation terms (forward + backward, timed on fixed network "
               f"outputs) {terms * 1e3:.2f} ms = **{100 * terms / t_ft:.1f} %** of a fine-tune step (goal ≤ 5 %)."]
+    if device.type == "cpu":  # the distance to the machine's limit, as a number
+        kind = "bf16" if use_amp else "fp32"
+        peak = matmul_gflops(torch.bfloat16 if use_amp else torch.float32)
+        achieved = step_flops(a.size, a.batch, cfg) / (a.batch / speed["sdidd GFL"]) / 1e9
+        lines += [f"Machine limit: the GFL train step does {achieved:.0f} GFLOP/s (3 x the forward's counted FLOPs per step "
+                  f"time); a 2048³ {kind} matmul on the same threads does {peak:.0f} GFLOP/s: the step reaches "
+                  f"**{100 * achieved / peak:.0f} %** of it (depthwise convolutions, small feature maps and the loss are "
+                  "memory-bound, not matmul-bound)."]
+    cached = speed["incremental: SD-IDD, teacher cached"]
+    lines += [f"With the teacher's outputs cached (`train.teacher_cache_gb`, a warm cache), SD-IDD's time per image vs "
+              f"fine-tune: **{speed['incremental: fine-tune'] / cached:.2f}**."]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0

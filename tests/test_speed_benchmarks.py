@@ -21,6 +21,17 @@ def test_train_speed_writes_report(tmp_path):
     for row in ("sdidd GFL", "torchvision FCOS", "incremental: fine-tune", "incremental: ERD", "incremental: SD-IDD"):
         assert f"| {row} |" in text
     assert "Ratio GFL / FCOS" in text and "Distillation overhead" in text
+    assert "Machine limit" in text and "teacher's outputs cached" in text
+
+
+@pytest.mark.slow
+def test_precision_modes_writes_report(tmp_path):
+    out = tmp_path / "modes.md"
+    _run("precision_modes.py", "--sizes", "64", "--batches", "2", "--iters", "1", "--rounds", "1", "--out", str(out))
+    text = out.read_text()
+    for row in ("fp32", "bf16", "channels_last fp32", "channels_last bf16"):
+        assert f"| {row} |" in text
+    assert "## 64 px, batch 2" in text and "GFLOP/s" in text
 
 
 @pytest.mark.slow

@@ -80,9 +80,11 @@ class TrainConfig:
     min_iters: int = 500
     grad_clip: Optional[float] = None
     workers: Optional[int] = None  # loader processes; None: 0 when the pixels are in memory, else half the cores (max 4)
-    amp: bool = True  # used on CUDA only
-    channels_last: bool = False  # NHWC images and conv weights (faster convolutions on tensor cores)
+    amp: bool = True  # bf16 autocast of the forward on CUDA and on CPUs with native bf16 (losses and metrics stay fp32)
+    channels_last: bool = False  # NHWC images and conv weights
     compile: bool = False  # torch.compile the student's forward (pays off only if its compile time does)
+    # Memory for the frozen teachers' outputs per (image, flip), reused across epochs when the input size is fixed (0: off)
+    teacher_cache_gb: float = 2.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     deterministic: bool = False
@@ -409,6 +411,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1): the fraction of training images held out")
     need(t.gamma > 0, "train.gamma", "must be positive")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be positive (or null: no clipping)")
+    need(t.teacher_cache_gb >= 0, "train.teacher_cache_gb", "must be >= 0 (0: off)")
     need(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only after the last epoch)")

@@ -154,7 +154,8 @@ def detect(model: Any, dataset: Any, data_cfg: Any, device: Any, batch_size: int
     was_training = model.training
     model.eval()
     detections: dict[int, dict[str, np.ndarray]] = {}
-    with torch.no_grad():  # fp32 on purpose: bf16 scores reorder near-ties and move AP by tenths
+    # fp32 on purpose, even inside a caller's autocast region: bf16 scores reorder near-ties and move AP by tenths.
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
         for batch in test_loader(dataset, data_cfg, batch_size, workers):
             results = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
             for image_id, r in zip(batch["image_ids"], results):

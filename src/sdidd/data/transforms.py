@@ -53,6 +53,7 @@ def resize_and_flip(
     out["scale"] = scale
     out["scale_xy"] = (nw / w, nh / h)
     out["orig_size"] = (h, w)
+    out["flipped"] = bool(flip)
     return image, out
 
 
@@ -132,4 +133,5 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> dict:
         # Per-axis (sx, sy): whole-pixel rounding makes the two axes differ slightly from the nominal scale.
         "scales": [tuple(t.get("scale_xy", (1.0, 1.0))) for t in targets],
         "image_ids": [int(t["image_id"]) for t in targets],
+        "flips": [bool(t.get("flipped", False)) for t in targets],
     }

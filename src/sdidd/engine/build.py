@@ -23,6 +23,7 @@ from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state
 from .incremental import extend_student, freeze_teacher
 from .run_data import RunData, channel_view, cut_new_images, train_loader
 from .schedule import Schedule, log_schedule, step_schedule
+from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Step:
     stored_metrics: Optional[dict[str, Any]] = None  # set when resuming a finished step
     new_teacher: Optional[GFL] = None  # distill.new_teacher: distils the new classes (engine/new_teacher.py)
     new_channels: Optional[torch.Tensor] = None  # [N] the new teacher's channels of spec.new_classes
+    teacher_cache: Optional[TeacherCache] = None  # the teachers' outputs per (image, flip), set by trainer.speed_setup
+    new_teacher_cache: Optional[TeacherCache] = None
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

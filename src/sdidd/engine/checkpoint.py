@@ -142,6 +142,7 @@ _RUNTIME_KEYS = frozenset({
     "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
     "train.workers", "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every",
     "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints", "train.min_iters",
+    "train.teacher_cache_gb",
     "incremental.teacher", "incremental.start_step", "incremental.epochs",
 })
 

@@ -53,6 +53,7 @@ class DeviceBatches:
         n = len(raw)
         short = self.short_sizes[int(torch.randint(len(self.short_sizes), ()))]  # CPU RNG: no device sync
         flip = torch.rand(n) < self.flip_prob
+        batch["flips"] = flip.tolist()  # which images were mirrored: the teacher cache's keys (engine/teacher_cache.py)
         new = [target_size(h, w, short, self.max_size)[:2] for h, w in raw]
         hp = int(math.ceil(max(h for h, _ in new) / PAD_DIVISOR)) * PAD_DIVISOR
         wp = int(math.ceil(max(w for _, w in new) / PAD_DIVISOR)) * PAD_DIVISOR

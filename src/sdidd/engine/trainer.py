@@ -15,14 +15,16 @@ from tqdm import tqdm
 from ..config import Config
 from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_model, format_table, result_to_dict
-from ..model.detector import GFL
+from ..model.detector import GFL, DenseOutput
 from . import distributed as dist
+from . import precision
 from .build import Step, StepSpec, build_step
 from .checkpoint import rng_state, save_epoch
 from .new_teacher import attach_new_teacher
 from .objective import step_loss
 from .run_data import RunData, load_run_data
 from .step_log import StepLog
+from .teacher_cache import TeacherCache, cache_blocker
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +45,20 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
     step.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     # Per-epoch seeds make augmentation independent of where a run was resumed (offset 0 unless DDP rank > 0).
     torch.manual_seed(t.seed * 7919 + step.spec.step * 131 + epoch + dist.rank_seed_offset())
-    use_amp = t.amp and device.type == "cuda"
+    use_amp = precision.amp_enabled(t.amp, device)
     bar = tqdm(step.loader, desc=f"step {step.spec.step} epoch {epoch + 1}/{step.schedule.epochs}",
                disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=False)
     start, seen = time.perf_counter(), 0
     for batch in bar:
         images, boxes, labels, sizes = batch_to_device(step, batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        keys = list(zip(batch["image_ids"], batch["flips"]))  # what the teacher caches are indexed by
+        # The networks run in bf16 where the device has it; the objective reads their outputs in fp32.
+        with precision.autocast(device, use_amp):
             out = step.ddp_model(images)
-            with torch.no_grad():
-                t_out = step.teacher(images) if step.teacher is not None else None
-                nt_out = step.new_teacher(images) if step.new_teacher is not None else None
-            loss, parts = step_loss(out, t_out, boxes, labels, sizes, step.trained, cfg.loss, step.qfl_weight, step.distill,
-                                    nt_out, step.new_channels)
+            t_out = frozen_outputs(step.teacher, step.teacher_cache, images, keys)
+            nt_out = frozen_outputs(step.new_teacher, step.new_teacher_cache, images, keys)
+        loss, parts = step_loss(precision.float_output(out), t_out, boxes, labels, sizes, step.trained, cfg.loss,
+                                step.qfl_weight, step.distill, nt_out, step.new_channels)
         # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
         finite = torch.isfinite(loss.detach())
         if dist.any_rank(~finite):
@@ -78,6 +81,15 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
     return seen
 
 
+@torch.no_grad()
+def frozen_outputs(model: Optional[GFL], cache: Optional[TeacherCache], images: torch.Tensor,
+                   keys: list[tuple[int, bool]]) -> Optional[DenseOutput]:
+    """A frozen teacher's outputs for the batch in fp32 (read from `cache` where it holds them); None without a teacher."""
+    if model is None:
+        return None
+    return precision.float_output(cache(images, keys) if cache is not None else model(images))
+
+
 def batch_to_device(step: Step, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, boxes, labels, sizes) on the step's device; resized / flipped there with data.device_transforms."""
     device, on_device = step.device, getattr(step.loader.collate_fn, "to_device", None)
@@ -91,8 +103,20 @@ def batch_to_device(step: Step, batch: dict) -> tuple[torch.Tensor, torch.Tensor
 
 
 def speed_setup(step: Step) -> None:
-    """Flag-guarded speed settings of a built step: train.channels_last (weights) and train.compile (student forward)."""
+    """Speed settings of a built step: teacher caches, train.channels_last (weights), train.compile (student forward)."""
     t = step.cfg.train
+    if t.teacher_cache_gb and (step.teacher is not None or step.new_teacher is not None):
+        blocker = cache_blocker(step.loader.dataset, step.cfg.data.train_sizes)
+        if blocker is None:
+            budget = int(t.teacher_cache_gb * 2**30)
+            # Two teachers share the budget; the old teacher is read by every distillation term, so it comes first.
+            if step.teacher is not None:
+                step.teacher_cache = TeacherCache(step.teacher, budget if step.new_teacher is None else budget // 2)
+            if step.new_teacher is not None:
+                step.new_teacher_cache = TeacherCache(step.new_teacher, budget // 2 if step.teacher is not None else budget,
+                                                      name="new-class teacher")
+        else:
+            log.info(f"teacher outputs not cached: {blocker}")
     if t.channels_last:  # in place: the optimizer keeps the same parameters
         for model in (step.model, step.teacher, step.new_teacher):
             if model is not None:
@@ -150,6 +174,8 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.device)
     speed_setup(step)
+    log.info(f"step {spec.step} ({spec.method}): {precision.describe(cfg.train.amp, step.device)}"
+             + (", channels_last" if cfg.train.channels_last else ""))
     step_log = StepLog(step.out_dir, step.iteration)
     step.model.train()
     for epoch in range(step.start_epoch, step.schedule.epochs):
@@ -162,6 +188,9 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
             log.info(f"epoch {epoch + 1}: mAP50 {res.map50:.1f}")
         save_step(step, epoch + 1)
     step_log.close()
+    for cache in (step.teacher_cache, step.new_teacher_cache):
+        if cache is not None:
+            log.info(cache.summary())
 
     stats = step.stats
     stats["images_per_second"] = stats["train_images"] / max(stats["train_seconds"], 1e-9)

@@ -1,0 +1,58 @@
+"""Mixed precision on CPU and CUDA: which devices run bf16 autocast, and the fp32 view the losses read.
+
+The network's forward (student, teachers) runs under bf16 autocast where the hardware has bf16 arithmetic:
+CUDA, and CPUs whose oneDNN reports native bf16 (AVX-512 BF16 / AMX). Elsewhere bf16 would be emulated and
+slower than fp32, so autocast stays off. The losses, the mu+2sigma selections and the metric always run
+in fp32: :func:`float_output` casts a forward's outputs before they reach the objective (the cast is part
+of the autograd graph, so the backward still flows into the bf16 convolutions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import torch
+
+from ..model.detector import DenseOutput
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (oneDNN's check: AVX-512 BF16 or AMX); False when it cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # older or unusual builds: stay in fp32
+        return False
+
+
+def amp_enabled(amp: bool, device: torch.device) -> bool:
+    """Whether a forward on `device` runs under bf16 autocast when the config asks for `amp`."""
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on `device` (a no-op context when not enabled)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def float_output(out: DenseOutput) -> DenseOutput:
+    """`out` with its logits and FPN features in fp32 (no copy for tensors already fp32)."""
+    if out.cls.dtype == torch.float32 and out.reg.dtype == torch.float32 and all(f.dtype == torch.float32 for f in out.feats):
+        return out
+    return dataclasses.replace(out, cls=out.cls.float(), reg=out.reg.float(), feats=[f.float() for f in out.feats])
+
+
+def describe(amp: bool, device: torch.device) -> str:
+    """One phrase for logs and reports: the precision a step on `device` runs in."""
+    if amp_enabled(amp, device):
+        return "bf16 autocast (losses fp32)"
+    if amp and device.type == "cpu":
+        return "fp32 (this CPU has no native bf16)"
+    return "fp32"
