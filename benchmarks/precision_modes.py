@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    lines = [f"# Training precision and memory format on this CPU", "",
+    lines = ["# Training precision and memory format on this CPU", "",
              f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
              f"- Machine: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"native bf16: {precision.cpu_has_bf16()}; torch {torch.__version__}",

@@ -55,7 +55,7 @@ def test_bf16_forward_feeds_an_fp32_objective() -> None:
     assert model.head.gfl_cls.weight.grad is not None and torch.isfinite(model.head.gfl_cls.weight.grad).all()
 
 
-def _overfit_losses(amp: bool, steps: int = 30) -> list[float]:
+def _overfit_losses(amp: bool, steps: int = 50) -> list[float]:
     """Train a pretrained tiny detector on one fixed batch through the engine's precision path; the losses per step."""
     torch.manual_seed(0)
     model = build_detector(DetectorConfig(num_classes=2, backbone="tf_efficientnet_lite0", pretrained=True, fpn_channels=32,
@@ -74,7 +74,7 @@ def _overfit_losses(amp: bool, steps: int = 30) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -82,13 +82,13 @@ def _overfit_losses(amp: bool, steps: int = 30) -> list[float]:
 def test_a_bf16_cpu_step_trains_as_fp32_does() -> None:
     """Overfitting one batch: the GFL loss first rises (QFL's targets grow with the IoU), then falls; bf16 follows fp32.
 
-    Measured: fp32 1.10 -> peak 1.91 -> 0.86 after 30 steps, bf16 1.10 -> 1.90 -> 0.84. A bf16 step whose
+    Measured: fp32 1.10 -> peak 1.91 -> 0.25 after 50 steps, bf16 1.10 -> 1.91 -> 0.29. A bf16 step whose
     gradient did not reach the network would stay near its first loss.
     """
     bf16, fp32 = _overfit_losses(True), _overfit_losses(False)
     assert all(math.isfinite(v) for v in bf16)
-    assert bf16[-1] < 0.6 * max(bf16) and bf16[-1] < bf16[0], bf16
-    assert abs(bf16[-1] - fp32[-1]) < 0.15, (bf16[-1], fp32[-1])
+    assert bf16[-1] < 0.4 * max(bf16) and bf16[-1] < 0.5 * bf16[0], bf16
+    assert abs(bf16[-1] - fp32[-1]) < 0.1, (bf16[-1], fp32[-1])
 
 
 def test_evaluation_runs_in_fp32_even_inside_an_autocast_region(tmp_path: Path) -> None:
@@ -146,3 +146,17 @@ def test_teacher_cache_is_off_when_the_input_size_changes_between_epochs() -> No
     assert cache_blocker(_Set([(200, 200)] * 3), [160]) is None
     assert "multi-scale" in cache_blocker(_Set([(200, 200)] * 3), [128, 160])
     assert "2 different sizes" in cache_blocker(_Set([(200, 200), (100, 300)]), [160])
+
+
+def test_bf16_fpn_gives_finite_gradients_on_maps_one_pixel_wide() -> None:
+    """oneDNN's bf16 stride-2 conv backward over a 1-pixel-wide map returns non-finite weight gradients about one call
+    in five; small images make P5/P6 that narrow, so P6/P7 run in fp32."""
+    from sdidd.model.fpn import FPN
+    torch.manual_seed(0)
+    for _ in range(30):  # measured without the fp32 levels: 53 of 100 fresh FPNs got a non-finite gradient
+        fpn = FPN([8, 16, 32], channels=16)
+        feats = [torch.randn(4, 8, 4, 4), torch.randn(4, 16, 2, 2), torch.randn(4, 32, 1, 1)]  # a 32 px input
+        with precision.autocast(CPU, True):
+            outs = fpn(feats)
+        sum(o.float().sum() for o in outs).backward()
+        assert all(torch.isfinite(p.grad).all() for p in fpn.parameters())

@@ -23,6 +23,7 @@ from .engine.run_data import RunData, channel_view, load_run_data
 from .engine.schedule import step_schedule
 from .engine.trainer import StepResult, train_step
 from .errors import SdiddError
+from .run_files import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,8 @@ def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, data: Run
 
 def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = False, out_dir: Optional[Path] = None) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{tag}.json").write_text(json.dumps(report, indent=2))
-    (results_dir / f"{tag}.md").write_text(markdown_report(report, tag if plots else None, out_dir))
+    write_json(results_dir / f"{tag}.json", report, indent=2)
+    write_text_atomic(results_dir / f"{tag}.md", markdown_report(report, tag if plots else None, out_dir))
     if plots:
         from .plots import plot_per_class_ap, plot_training_curves
         methods = {m: v["ap50_per_class"] for m, v in report["methods"].items()}

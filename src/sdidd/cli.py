@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from .errors import SdiddError
+from .errors import SdiddError, is_out_of_memory, shown
 
 if typing.TYPE_CHECKING:
     from .config import Config, DataConfig
@@ -60,7 +62,7 @@ def _checkpoint_config(state: dict, overrides: list[str], command: str) -> "Conf
 def _description_with(path: str, keys: object) -> tuple:
     """(description file, data.* overrides) when both data=FILE and data.key=value are given."""
     if not isinstance(keys, dict):
-        raise SdiddError(f"override 'data': give data=FILE once (a dataset description), got also {keys!r}")
+        raise SdiddError(f"override 'data': give data=FILE once (a dataset description), got also {shown(keys)}")
     return path, keys
 
 
@@ -117,14 +119,12 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
     from .engine.add_classes import run_add_classes
     from .engine.checkpoint import load_checkpoint
     state = load_checkpoint(a.teacher)
-    # The teacher's own recipe (sizes, schedule, distillation) with the new dataset in place of its data.
-    base = dict(state.get("config", {}))
-    data = {k: v for k, v in (base.get("data") or {}).items() if k not in DATASET_KEYS}  # keep sizes and checks
+    base = _recipe_of(dict(state.get("config", {})), DATASET_KEYS)
+    data = base["data"]
     overrides = parse_overrides(a.overrides)
     out = a.out or overrides.get("train", {}).get("out_dir") or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
     base = merge_dicts({**base, "data": {**data, **load_description(a.data)}}, overrides)
     base["train"] = {**(base.get("train") or {}), "out_dir": out}
-    base["incremental"] = {**(base.get("incremental") or {}), "teacher": None, "start_step": None}
     cfg = config_from_dict(base)
     dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
@@ -133,6 +133,22 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
         return None if path is None else config_from_dict({"data": {**data, **load_description(path)}}).data
     run_add_classes(a.teacher, cfg, cfg.train.out_dir, a.method, test=described(a.test), old_test=described(a.old_test))
     return 0
+
+
+# What a teacher's run config passes on to the step that adds classes: its recipe (image sizes, model, schedule).
+# How the teacher's own step was run does not carry over: its method and distillation settings, a small-data cut,
+# a validation hold-out, its protocol and resume/overwrite choices all take their defaults unless given again.
+_STEP_ONLY = {"data": ("val_fraction",), "train": ("resume", "overwrite", "out_dir"),
+              "incremental": ("protocol", "groups", "method", "teacher", "start_step", "new_images")}
+
+
+def _recipe_of(config: dict, dataset_keys: tuple[str, ...]) -> dict:
+    """The recipe part of a checkpoint's run config: dataset, distillation and step-specific keys removed."""
+    recipe = {k: dict(v) for k, v in config.items() if isinstance(v, dict) and k != "distill"}
+    recipe["data"] = {k: v for k, v in recipe.get("data", {}).items() if k not in dataset_keys}
+    for section, keys in _STEP_ONLY.items():
+        recipe[section] = {k: v for k, v in recipe.get(section, {}).items() if k not in keys}
+    return recipe
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -171,9 +187,9 @@ def _seeds(text: Optional[str]) -> Optional[list[int]]:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SdiddError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+        raise SdiddError(f"--seeds {shown(text)}: expected integers separated by commas, e.g. 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise SdiddError(f"--seeds {text!r}: expected distinct integers separated by commas, e.g. 0,1,2")
+        raise SdiddError(f"--seeds {shown(text)}: expected distinct integers separated by commas, e.g. 0,1,2")
     return seeds
 
 
@@ -220,7 +236,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     train = extra.get("train", {})
     for key, v in [(f"data.{k}", v) for k, v in data.items()] + [("train.batch_size", train.get("batch_size", 1))]:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise SdiddError(f"config key '{key}': expected an integer, got {v!r}")
+            raise SdiddError(f"config key '{key}': expected an integer, got {shown(v)}")
     kw: dict = {}
     if described is not None:
         if inputs:
@@ -257,7 +273,7 @@ def _described_inputs(path: str) -> dict:
 def _cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
     if a.format != "onnx":
-        raise SdiddError(f"export format {a.format!r} is not supported (onnx)")
+        raise SdiddError(f"export format {shown(a.format)} is not supported (onnx)")
     out = export_onnx(a.checkpoint, a.out, size=a.size)
     print(f"wrote {out}")
     return 0
@@ -393,6 +409,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging()
+    restore = _terminate_as_interrupt()
     try:
         return int(args.fn(args) or 0)
     except SdiddError as e:
@@ -402,9 +419,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; a training run continues from its last epoch with train.resume=true", file=sys.stderr)
-        return 130
+    except (MemoryError, RuntimeError) as e:  # the allocator, not a bug: say what to lower; anything else is a bug
+        if not is_out_of_memory(e):
+            raise
+        print("error: out of memory; lower data.train_sizes / data.max_size, train.batch_size or predict's --size and "
+              "--batch-size (the last checkpoint, if any, is intact)", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{what}; a training run continues from its last epoch with train.resume=true", file=sys.stderr)
+        return code
+    finally:
+        restore()
+
+
+class Terminated(Exception):
+    """SIGTERM (a job scheduler, `docker stop`, systemd) arrived: handled as Ctrl-C is."""
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Turn SIGTERM into a Terminated exception in the main thread; returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

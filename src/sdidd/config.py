@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import SdiddError
+from .errors import SdiddError, shown
+from .yaml_file import load_yaml, parse_yaml
 
 
 @dataclass
@@ -94,6 +95,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     keep_checkpoints: int = 1  # epoch_<n>.pth files kept beside last.pth (the newest ones; 0: only last.pth)
     resume: bool = False
+    overwrite: bool = False  # a new run in a folder that holds one: clear the old run's files first (else refused)
     progress: bool = True
 
 
@@ -191,6 +193,8 @@ class Config:
 
 def resolved_distill(cfg: Config, method: str) -> DistillConfig:
     """Distill switches with the method's defaults filled in where the config left None."""
+    if method not in _METHOD_DEFAULTS:
+        raise SdiddError(f"unknown method {shown(method)} (known: {', '.join(METHODS)})")
     d = dataclasses.replace(cfg.distill)
     for k, v in _METHOD_DEFAULTS[method].items():
         if getattr(d, k) is None:
@@ -226,11 +230,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except SdiddError as e:
                 errors.append(str(e))
-        raise SdiddError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise SdiddError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {shown(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise SdiddError(f"config key '{key}': expected a list, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected a list, got {shown(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 and 1e6 as strings: they mean numbers here
@@ -239,28 +243,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SdiddError(f"config key '{key}': expected a number, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected a number, got {shown(value)}")
         if not math.isfinite(value):  # YAML reads .inf/.nan as floats; no setting means them
-            raise SdiddError(f"config key '{key}': expected a finite number, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected a finite number, got {shown(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SdiddError(f"config key '{key}': expected an integer, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected an integer, got {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise SdiddError(f"config key '{key}': expected true or false, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected true or false, got {shown(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise SdiddError(f"config key '{key}': expected a string, got {value!r}")
+            raise SdiddError(f"config key '{key}': expected a string, got {shown(value)}")
         return value
     return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise SdiddError(f"config section '{prefix.rstrip('.') or 'top level'}': expected a mapping, got {data!r}")
+        raise SdiddError(f"config section '{prefix.rstrip('.') or 'top level'}': expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for k in data:
@@ -304,8 +308,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise SdiddError(f"override '{item}': expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+            value = parse_yaml(raw) if raw != "" else None
+        except yaml.YAMLError:  # not YAML (or an alias): the text as it is
             value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
@@ -334,7 +338,7 @@ def packaged_config(name: str) -> Path:
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise SdiddError(f"no packaged config {name!r} (known: {known}); pass a config file instead")
+        raise SdiddError(f"no packaged config {shown(name)} (known: {known}); pass a config file instead")
     return path
 
 
@@ -347,12 +351,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             p = packaged_config(str(path))
         if not p.is_file():
             raise SdiddError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise SdiddError(f"{p}: not valid YAML{where}") from None
+        data = load_yaml(p) or {}
         if not isinstance(data, dict):
             raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
     items = list(overrides or [])
@@ -372,6 +371,9 @@ DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_
                  "images_dir", "test_images_dir", "train_ann", "test_ann", "names", "train_path", "test_path")
 
 
+MAX_SIDE = 8192  # pixels: a larger network input does not fit a training machine's memory (and no defect needs it)
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with one line naming the key."""
     def need(ok: bool, key: str, msg: str) -> None:
@@ -380,10 +382,12 @@ def validate(cfg: Config) -> None:
 
     d, m, t, inc = cfg.data, cfg.model, cfg.train, cfg.incremental
     need(d.dataset in ("synthetic", "neu-det", "deeppcb", "coco", "voc", "yolo"), "data.dataset",
-         f"unknown dataset {d.dataset!r} (synthetic, neu-det, deeppcb, coco, voc, yolo)")
-    need(all(s >= 32 for s in d.train_sizes), "data.train_sizes", "needs sizes >= 32 (or [] with data.test_size 0: from the data)")
-    need(d.test_size == 0 or d.test_size >= 32, "data.test_size", "must be >= 32 (or 0 with data.train_sizes []: from the data)")
-    need(d.max_size >= 32, "data.max_size", "must be >= 32")
+         f"unknown dataset {shown(d.dataset)} (synthetic, neu-det, deeppcb, coco, voc, yolo)")
+    need(all(32 <= s <= MAX_SIDE for s in d.train_sizes), "data.train_sizes",
+         f"needs sizes within 32..{MAX_SIDE} (or [] with data.test_size 0: from the data)")
+    need(d.test_size == 0 or 32 <= d.test_size <= MAX_SIDE, "data.test_size",
+         f"must be within 32..{MAX_SIDE} (or 0 with data.train_sizes []: from the data)")
+    need(32 <= d.max_size <= MAX_SIDE, "data.max_size", f"must be within 32..{MAX_SIDE}")
     sized = bool(d.train_sizes) or d.test_size > 0  # one set: the other is 160 (data/image_size.py)
     need(not sized or d.max_size >= max((d.train_sizes or [160]) + [d.test_size or 160]), "data.max_size", "must be >= every short-side size")
     need(d.names is None or (len(d.names) > 0 and all(n.strip() for n in d.names)), "data.names", "must be non-empty class names")
@@ -432,7 +436,7 @@ def validate(cfg: Config) -> None:
         need(len(flat) == len(set(flat)), "incremental.groups", "a class appears in two groups")
     if inc.protocol is not None:
         parts = inc.protocol.split("+")
-        need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {inc.protocol!r}")
+        need(len(parts) >= 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts), "incremental.protocol", f"expected sizes like '3+3', got {shown(inc.protocol)}")
     need(cfg.distill.release_batch >= 0, "distill.release_batch", "must be >= 0")
     need(cfg.distill.hccd_min_score is None or 0.0 <= cfg.distill.hccd_min_score < 1.0, "distill.hccd_min_score", "must be in [0, 1)")
     need(cfg.distill.hccd_form in (None, "l2", "bce"), "distill.hccd_form", "must be 'l2' or 'bce' (or null: the method's)")
@@ -464,5 +468,5 @@ def protocol_groups(cfg: Config, classes: list[str]) -> list[list[str]]:
     for g in groups:
         for c in g:
             if c not in classes:
-                raise SdiddError(f"config key 'incremental.groups': class {c!r} is not in the dataset ({', '.join(classes)})")
+                raise SdiddError(f"config key 'incremental.groups': class {shown(c)} is not in the dataset ({', '.join(classes)})")
     return [list(g) for g in groups]

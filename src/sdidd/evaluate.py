@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from .run_files import write_json
 
 __all__ = ["EvalResult", "detect", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json",
            "coco_results", "save_coco_results"]
@@ -212,7 +212,7 @@ def save_coco_results(results: list[dict[str, Any]], path: str | Path) -> Path:
     """Write a COCO results list as JSON (parent folders created); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results))
+    write_json(path, results)
     return path
 
 
@@ -263,5 +263,5 @@ def save_result_json(result: EvalResult, path: str | Path) -> Path:
     """Write `result_to_dict(result)` as indented JSON (parent folders created); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result_to_dict(result), indent=2, allow_nan=False))
+    write_json(path, result_to_dict(result), indent=2, allow_nan=False)
     return path

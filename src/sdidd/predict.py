@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -35,6 +34,9 @@ from .data.records import read_image
 from .data.transforms import EvalTransform, collate
 from .device import select_device
 from .errors import SdiddError
+from .run_files import write_json
+from .config import MAX_SIDE
+from .errors import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +46,41 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand image files and folders (their images, sorted, not recursive) into a list of files."""
-    files: list[Path] = []
+    """Expand image files and folders (their images, sorted, sub-folders included) into a list of regular files."""
+    return [f for f, _ in _find(inputs)]
+
+
+def _find(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """(file, output name) of every input image: a folder's images keep their path below it as output name."""
+    found: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if not p.exists():
             raise SdiddError(f"{p}: input not found")
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise SdiddError(f"{p}: folder holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
-            files += found
+            inside = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not inside:
+                raise SdiddError(f"{p}: folder holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}), sub-folders included")
+            found += [(f, f.relative_to(p).as_posix()) for f in inside]
+        elif not p.is_file():  # a FIFO or device would block the read forever
+            raise SdiddError(f"{p}: not a regular file")
         else:
-            files.append(p)  # an explicitly named file is tried whatever its suffix; decoding says if it is no image
-    return files
+            found.append((p, p.name))  # an explicitly named file is tried whatever its suffix; decoding says if it is no image
+    return found
 
 
-def _out_names(files: list[Path]) -> list[str]:
-    """Output file names: the input's name, made unique when two folders hold the same name."""
-    names, seen = [], set()
-    for f in files:
-        name, k = f.name, 1
-        while name.lower() in seen:
-            name, k = f"{f.stem}_{k}{f.suffix}", k + 1
-        seen.add(name.lower())
-        names.append(name)
-    return names
+def _out_names(names: Sequence[str]) -> list[str]:
+    """Output paths below the output folder: `names` with '..' and absolute parts removed, made unique."""
+    out, seen = [], set()
+    for raw in names:
+        parts = [q for q in Path(str(raw)).parts if q not in ("..", ".", "/") and not Path(q).anchor]
+        name = Path(*parts) if parts else Path("image")
+        candidate, k = name.as_posix(), 1
+        while candidate.lower() in seen:
+            candidate, k = name.with_name(f"{name.stem}_{k}{name.suffix}").as_posix(), k + 1
+        seen.add(candidate.lower())
+        out.append(candidate)
+    return out
 
 
 def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "predictions",
@@ -96,7 +107,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         if not (len(files) == len(image_ids) == len(file_names)):
             raise SdiddError(f"{len(files)} files, {len(image_ids)} image ids and {len(file_names)} names")
     else:
-        files = find_images(inputs)  # before loading the model: input mistakes are reported at once
+        found = _find(inputs)  # before loading the model: input mistakes are reported at once
+        files, file_names = [f for f, _ in found], [n for _, n in found]
     dev = select_device(device, "--device")
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, dev).eval()
@@ -104,8 +116,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     data = dict(state.get("config", {}).get("data", {}))
     test_size, max_size = int(data.get("test_size") or 160), int(data.get("max_size") or 267)
     if size is not None:
-        if size < 32:
-            raise SdiddError(f"--size {size}: must be >= 32")
+        if not 32 <= size <= MAX_SIDE:
+            raise SdiddError(f"--size {size}: must be within 32..{MAX_SIDE}")
         max_size = max(size, round(size * max_size / test_size))  # keep the checkpoint's long/short cap ratio
         test_size = size
     if max_size_arg is not None:
@@ -116,14 +128,23 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(file_names) if file_names is not None else _out_names(files)
+    names = _out_names(file_names)  # never outside out_dir, whatever a dataset's file names say
     ids = list(image_ids) if image_ids is not None else list(range(1, len(files) + 1))
     results: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = [] if skipped is None else skipped
     for idx, chunk, originals in _readable_batches(files, batch_size, bad):
-        batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
-        with torch.no_grad():
-            dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
+        try:
+            batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
+            with torch.no_grad():
+                dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
+        except (MemoryError, RuntimeError) as e:  # one huge image must not cost the others their detections
+            if not is_out_of_memory(e):
+                raise
+            for f in chunk:
+                print(f"error: {f}: out of memory at --size {test_size} (batch of {len(chunk)}); skipped, try a smaller "
+                      "--size or --batch-size", file=sys.stderr)
+                bad.append({"path": str(f), "error": "out of memory"})
+            continue
         for k, f, im, det, tgt in zip(idx, chunk, originals, dets, batch["targets"]):
             h, w = tgt["orig_size"]
             sx, sy = tgt["scale_xy"]  # exact per-axis factors of the whole-pixel resize
@@ -138,8 +159,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
             results.append(r)
     json_path = out_dir / "predictions.json"
     doc = _to_json(results, classes, category_ids or {})
-    json_path.write_text(json.dumps({**doc, "skipped": bad}))
-    (out_dir / "results.json").write_text(json.dumps(doc["detections"]))  # the bare COCO results list
+    write_json(json_path, {**doc, "skipped": bad})
+    write_json(out_dir / "results.json", doc["detections"])  # the bare COCO results list
     n = sum(len(r["scores"]) for r in results)
     note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
     log.info(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")

@@ -25,6 +25,8 @@ from sdidd.data.coco_json import load_coco_json
 from sdidd.data.deeppcb import find_pcbdata, load_deeppcb
 from sdidd.data.neu_det import load_neu_det
 from sdidd.data.records import (
+    oriented_size,
+    rgb8,
     DUPLICATE_IMAGE,
     PROBLEM_KINDS,
     SIZE_MISMATCH,
@@ -102,8 +104,8 @@ def inspect_image(path: str, keep_pixels: bool = False) -> tuple[Optional[str], 
             im.load()  # decode every pixel: a truncated file only fails here
             pixels = None
             if keep_pixels:
-                pixels = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-            return digest, im.size, None, pixels
+                pixels = torch.from_numpy(rgb8(im).copy()).permute(2, 0, 1).contiguous()
+            return digest, oriented_size(im), None, pixels
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return digest, None, f"cannot read image ({type(e).__name__}: {e})", None
 

@@ -10,7 +10,9 @@ its type: a wrong one is a one-line problem naming the file and the entry, never
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +27,9 @@ from sdidd.data.records import (
     Record,
     check_box,
 )
-from sdidd.errors import SdiddError
+from sdidd.errors import SdiddError, shown
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_coco_json"]
 
@@ -157,8 +161,11 @@ def load_coco_json(
             im["labels"].append(cat_to_label[cid])
 
     records: list[Record] = []
+    outside: list[str] = []
     for im in sorted(images.values(), key=lambda d: d["file"]):
         path = images_dir / im["file"]
+        if not os.path.normpath(path).startswith(os.path.normpath(images_dir) + os.sep):
+            outside.append(im["file"])  # '../' or an absolute path: read, but the user is told
         try:
             found = path.is_file()
         except (OSError, ValueError):  # a file name the system cannot look up (NUL byte, too long)
@@ -168,6 +175,9 @@ def load_coco_json(
             continue
         boxes = np.stack(im["boxes"]) if im["boxes"] else np.zeros((0, 4), np.float32)
         records.append(Record(im["id"], str(path), im["width"], im["height"], boxes, im["labels"]))
+    if outside:
+        log.warning(f"warning: {ann_file}: {len(outside)} image file_name(s) point outside the images folder {images_dir} "
+                    f"(e.g. {shown(outside[0])}); they are read from there")
     ds = DetectionDataset(classes, records, name=f"coco/{ann_file.stem}")
     ds.category_ids = {c: i for c, i in zip(classes, sorted(cat_to_label))}  # the json's own ids, for results files
     return ds

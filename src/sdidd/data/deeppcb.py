@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sdidd.data.records import (
+    oriented_size,
     MALFORMED_ANNOTATION,
     MISSING_ANNOTATION,
     MISSING_IMAGE,
@@ -159,7 +160,7 @@ def load_deeppcb(
             try:
                 # Image.open only reads the header here; pixels are decoded in __getitem__.
                 with Image.open(img) as im:
-                    width, height = im.size
+                    width, height = oriented_size(im)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 problems.add(UNREADABLE_IMAGE, f"{img}: cannot read image ({type(e).__name__}: {e})")
                 continue

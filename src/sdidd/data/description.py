@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import yaml
 
-from ..errors import SdiddError
+from ..errors import SdiddError, shown
+from ..yaml_file import load_yaml
 from .coco_json import load_coco_json
 from .records import UNKNOWN_CLASS, DetectionDataset, Problems
 from .voc import load_voc
@@ -40,17 +40,17 @@ def _names(p: Path, desc: dict[str, Any], fmt: str) -> Optional[list[str]]:
     if isinstance(names, dict):
         keys = list(names)
         if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys) or sorted(keys) != list(range(len(keys))):
-            raise SdiddError(f"{p}: 'names' as a mapping needs the keys 0..{len(keys) - 1} (class indices), got {keys!r}")
+            raise SdiddError(f"{p}: 'names' as a mapping needs the keys 0..{len(keys) - 1} (class indices), got {shown(keys)}")
         names = [names[k] for k in range(len(keys))]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise SdiddError(f"{p}: 'names' must be a list of non-empty class names, got {desc.get('names')!r}")
+        raise SdiddError(f"{p}: 'names' must be a list of non-empty class names, got {shown(desc.get('names'))}")
     names = [n.strip() for n in names]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise SdiddError(f"{p}: 'names' lists class {dup[0]!r} twice")
+        raise SdiddError(f"{p}: 'names' lists class {shown(dup[0])} twice")
     nc = desc.get("nc")
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc != len(names)):
-        raise SdiddError(f"{p}: 'nc' is {nc!r} but 'names' has {len(names)} classes")
+        raise SdiddError(f"{p}: 'nc' is {shown(nc)} but 'names' has {len(names)} classes")
     return names
 
 
@@ -59,22 +59,18 @@ def load_description(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SdiddError(f"{p}: dataset description not found")
-    try:
-        desc = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SdiddError(f"{p}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
+    desc = load_yaml(p)
     if not isinstance(desc, dict):
         raise SdiddError(f"{p}: a dataset description is a mapping (format, path, train, test, names)")
     unknown = sorted(set(map(str, desc)) - _KEYS)
     if unknown:
-        raise SdiddError(f"{p}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(_KEYS))})")
+        raise SdiddError(f"{p}: unknown key {shown(unknown[0])} (valid: {', '.join(sorted(_KEYS))})")
     fmt = desc.get("format", "coco")
     if fmt not in FORMATS:
-        raise SdiddError(f"{p}: format {fmt!r} is not supported ({', '.join(FORMATS)})")
+        raise SdiddError(f"{p}: format {shown(fmt)} is not supported ({', '.join(FORMATS)})")
     for k in ("path", "train", "test", "val", "images", "train_images", "test_images"):
         if k in desc and not (isinstance(desc[k], str) and desc[k].strip()):
-            raise SdiddError(f"{p}: '{k}' must be a path (a string), got {desc[k]!r}")
+            raise SdiddError(f"{p}: '{k}' must be a path (a string), got {shown(desc[k])}")
     if fmt != "coco":
         extra = [k for k in _COCO_ONLY if k in desc]
         if extra:
@@ -86,7 +82,7 @@ def load_description(path: str | Path) -> dict[str, Any]:
     try:
         root = (p.parent / desc.get("path", ".")).resolve()
     except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
-        raise SdiddError(f"{p}: 'path' {desc.get('path')!r} is no usable folder ({e})") from None
+        raise SdiddError(f"{p}: 'path' {shown(desc.get('path'))} is no usable folder ({e})") from None
     if fmt != "coco":
         return {"dataset": fmt, "root": str(root),
                 "train_path": str(root / desc["train"]) if "train" in desc else None,
@@ -133,4 +129,4 @@ def load_described_split(section: Mapping[str, Any], which: str, problems: Probl
         if not section.get("names"):
             raise SdiddError("config key 'data.names': a yolo dataset needs its class names")
         return load_yolo(split_path, section["names"], problems=problems)
-    raise SdiddError(f"dataset {fmt!r} is not a described format ({', '.join(FORMATS)})")
+    raise SdiddError(f"dataset {shown(fmt)} is not a described format ({', '.join(FORMATS)})")

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdidd.errors import SdiddError
 
@@ -25,6 +25,8 @@ __all__ = [
     "DetectionDataset",
     "Problems",
     "read_image",
+    "rgb8",
+    "oriented_size",
     "check_box",
     "Transform",
     "UNREADABLE_IMAGE",
@@ -140,17 +142,48 @@ def check_box(
     return c
 
 
+_QUARTER_TURNS = {5, 6, 7, 8}  # EXIF orientations that show the image turned by 90 degrees
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is displayed (EXIF orientation applied), from the header alone."""
+    w, h = im.size
+    try:
+        turned = im.getexif().get(0x0112) in _QUARTER_TURNS
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        turned = False
+    return (h, w) if turned else (w, h)
+
+
+def rgb8(im: Image.Image) -> np.ndarray:
+    """Every pixel decoded as displayed: EXIF orientation applied, 16-bit and float images scaled to 8 bits, [H, W, 3] RGB.
+
+    16-bit images (industrial cameras) map their full range 0-65535 onto 0-255, as OpenCV's 8-bit read does;
+    float images are taken as 0-1 when no value exceeds 1, else as 0-255. convert() alone would clip them.
+    """
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        pass
+    if im.mode in _WIDE_MODES or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        full = _WIDE_MODES.get(im.mode) or (1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0)
+        gray = np.clip(np.nan_to_num(a) * (255.0 / full), 0, 255).round().astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as a uint8 [3,H,W] RGB tensor; raises SdiddError if it cannot be decoded."""
+    """Read an image file as a uint8 [3,H,W] RGB tensor, as displayed (see :func:`rgb8`); SdiddError if it cannot be decoded."""
     try:
         with Image.open(path) as im:
-            # convert() decodes every pixel, so a truncated file fails here, not later in training.
-            rgb = im.convert("RGB")
+            # Decoding every pixel here makes a truncated file fail now, not later in training.
+            arr = rgb8(im)
     except FileNotFoundError:
         raise SdiddError(f"{path}: cannot read image (file not found)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SdiddError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    arr = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sdidd.data.records import (
+    oriented_size,
     MALFORMED_ANNOTATION,
     MISSING_ANNOTATION,
     MISSING_IMAGE,
@@ -48,7 +49,7 @@ def _image_size(path: Path, problems: Problems) -> Optional[tuple[int, int]]:
     """(width, height) from the image header (no decoding); None and a problem if unreadable."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
+            w, h = oriented_size(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         problems.add(UNREADABLE_IMAGE, f"{path}: cannot read image ({type(e).__name__}: {e})")
         return None

@@ -10,7 +10,6 @@ step's, so it can be the teacher of the next run.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from ..config import Config, DataConfig
 from ..device import select_device
 from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_model
+from ..run_files import write_json
 from .build import StepSpec
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .run_data import RunData, channel_view, decode_once, load_run_data, load_split
@@ -109,9 +109,9 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
     groups = {g: _mean([r["ap50"] for r in rows if g == "all" or r["group"] == g]) for g in ("old", "new", "all")}
     groups["teacher_old"] = _mean([r["teacher_ap50"] for r in rows if r["group"] == "old"])
     out = AddClassesResult(result, rows, groups)
-    (Path(out_dir) / "add_classes.json").write_text(json.dumps({"teacher": str(teacher_path), "method": method, "classes_old": old,
-                                                                 "classes_new": new, "rows": rows, "groups": groups},
-                                                                indent=2, default=lambda v: None))
+    write_json(Path(out_dir) / "add_classes.json", {"teacher": str(teacher_path), "method": method, "classes_old": old,
+                                                     "classes_new": new, "rows": rows, "groups": groups},
+               indent=2, default=lambda v: None)
     log.info(format_add_classes(out))
     return out
 

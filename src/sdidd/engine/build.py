@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import Config, DistillConfig, qfl_weight, resolved_distill
+from ..config import METHODS, Config, DistillConfig, qfl_weight, resolved_distill
 from ..data import DetectionDataset
 from ..device import select_device
 from ..distill.pseudo_labels import pseudo_labelled
-from ..errors import SdiddError
+from ..errors import SdiddError, shown
 from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
@@ -117,7 +117,9 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     seed_everything(t.seed + 1000 * spec.step, t.deterministic)
     if teacher is None and spec.num_old > 0:
         raise SdiddError(f"step {spec.step} ({spec.method}) has old classes {spec.classes[:spec.num_old]} but no teacher")
-    method = spec.method if spec.method in ("finetune", "erd", "sdidd", "sdidd+") else "joint"
+    if spec.method not in (*METHODS, "base"):  # an unknown name must not silently train as joint
+        raise SdiddError(f"step {spec.step}: unknown method {shown(spec.method)} (known: base, {', '.join(METHODS)})")
+    method = "joint" if spec.method == "base" else spec.method
 
     source = data.train
     if spec.step > 0 and cfg.incremental.new_images:  # the small-data protocol: few images of the added classes

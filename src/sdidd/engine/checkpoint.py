@@ -58,9 +58,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):  # full disk, quota, permissions: the user can fix these
+        # Full disk, quota, permissions: the user can fix these. torch's zip writer reports them as a RuntimeError
+        # ("failed writing file", "unexpected pos ..."); the state itself holds only tensors and plain data.
+        if isinstance(e, (OSError, RuntimeError)):
             kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint exists"
-            raise SdiddError(f"{path}: cannot write checkpoint ({e.strerror or e}); {kept}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "write failed: disk full, file size limit or I/O error"
+            raise SdiddError(f"{path}: cannot write checkpoint ({reason}); {kept}") from None
         raise
 
 
@@ -141,8 +144,8 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
 _RUNTIME_KEYS = frozenset({
     "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
     "train.workers", "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every",
-    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints", "train.min_iters",
-    "train.teacher_cache_gb",
+    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints",
+    "train.teacher_cache_gb", "train.overwrite",
     "incremental.teacher", "incremental.start_step", "incremental.epochs",
 })
 

@@ -1,7 +1,6 @@
 """One step of the protocol (base, joint, or incremental with a teacher): the epoch loop, checkpoints, evaluation."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,6 +15,7 @@ from ..config import Config
 from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_model, format_table, result_to_dict
 from ..model.detector import GFL, DenseOutput
+from ..run_files import FolderLock, claim_folder, write_json
 from . import distributed as dist
 from . import precision
 from .build import Step, StepSpec, build_step
@@ -161,8 +161,21 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
     """Train one step and evaluate its last epoch on the test split (every class the step knows).
 
     With `distill.new_teacher=finetune` the new-class teacher is fine-tuned first into `new_teacher_dir`
-    (default: `<out_dir>/new_teacher`).
+    (default: `<out_dir>/new_teacher`). The output folder is locked for the step's life (one run per folder),
+    and a folder holding a run already is continued (train.resume), cleared (train.overwrite) or refused.
     """
+    lock = FolderLock(out_dir).acquire() if dist.is_main() else None
+    try:
+        if dist.is_main():
+            claim_folder(out_dir, cfg.train.resume, cfg.train.overwrite)
+        return _train_step(cfg, spec, Path(out_dir), data, teacher, new_teacher_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunData], teacher: Optional[GFL],
+                new_teacher_dir: Optional[Path]) -> StepResult:
     data = data or load_run_data(cfg.data)
     step = build_step(cfg, spec, data, Path(out_dir), teacher)
     if step.stored_metrics is not None:  # a finished step is not retrained
@@ -170,7 +183,7 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
     attach_new_teacher(step, data, teacher, Path(new_teacher_dir or Path(out_dir) / "new_teacher"))
     if dist.is_main():
         step.out_dir.mkdir(parents=True, exist_ok=True)
-        (step.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json(step.out_dir / "config.json", cfg.to_dict(), indent=2)
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.device)
     speed_setup(step)
@@ -198,7 +211,7 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
     result = evaluate_model(step.model, step.test_set, cfg.data, step.device, groups=spec.groups, workers=cfg.train.workers)
     last = save_step(step, step.schedule.epochs, result_to_dict(result))
     if dist.is_main():
-        (step.out_dir / "metrics.json").write_text(json.dumps(result_to_dict(result) | {"stats": stats}, indent=2))
+        write_json(step.out_dir / "metrics.json", result_to_dict(result) | {"stats": stats}, indent=2)
     dist.barrier()
     return StepResult(step.model, last, result, stats)
 

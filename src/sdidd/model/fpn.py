@@ -1,6 +1,9 @@
 """Feature pyramid: C3-C5 lateral + top-down, P6/P7 from the P5 output (GFL's 'on_output')."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +30,10 @@ class FPN(nn.Module):
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
         outs = [conv(x) for conv, x in zip(self.output, laterals)]
-        for conv in self.extra:
-            outs.append(conv(outs[-1]))
+        # P6/P7 in fp32 on CPU: oneDNN's bf16 backward of a stride-2 conv over a map one pixel wide returns non-finite
+        # weight gradients at random (about one call in five; small inputs make P5/P6 that narrow). The maps are tiny.
+        on_cpu = outs[-1].device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+            for conv in self.extra:
+                outs.append(conv(outs[-1].float() if on_cpu else outs[-1]))
         return outs
