@@ -177,13 +177,13 @@ def _voc_box(root: Path, values: tuple[int, int, int, int], name: str = "scratch
 
 BROKEN: dict[str, tuple[str, Callable[[Path], None], str, str]] = {
     # (format, mutation of a clean copy, problem kind, text of the one line)
-    "yolo missing label file": ("yolo", lambda r: _first_label(r, "yolo").unlink(), "missing_annotation", "no label file"),
     "yolo class index out of range": ("yolo", lambda r: _first_label(r, "yolo").write_text("2 0.5 0.5 0.1 0.1\n"),
                                       "unknown_class", ".txt:1: class index 2 is out of range (names has 2: 0..1)"),
     "yolo box outside the image": ("yolo", lambda r: _first_label(r, "yolo").write_text("0 0.9 0.5 0.5 0.1\n"),
                                    "bad_box", ".txt:1: box cx=0.9 cy=0.5 w=0.5 h=0.1 is outside the 64x64 image"),
     "yolo malformed line": ("yolo", lambda r: _first_label(r, "yolo").write_text("0 0.5 0.5 0.1\n"),
-                            "malformed_annotation", ".txt:1: expected 'class cx cy w h', got '0 0.5 0.5 0.1'"),
+                            "malformed_annotation", ".txt:1: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 ...', "
+                                                    "got '0 0.5 0.5 0.1'"),
     "yolo unreadable image": ("yolo", lambda r: _first_image(r, "yolo").write_bytes(b"not a png"),
                               "unreadable_image", ".png: cannot read image"),
     "yolo label without image": ("yolo", lambda r: (r / "labels" / "train" / "ghost.txt").write_text(""),
@@ -230,6 +230,31 @@ def test_broken_dataset_gives_its_one_line(exported: Path, tmp_path: Path, capsy
     line = one_line(err)
     assert rc == 1 and f"error: {kind}: 1" in out and "FAILED: 1 error(s)" in out, out + err
     assert f"first {kind}: " in line and text in line, line
+
+
+def test_yolo_images_without_label_file_or_with_an_empty_one_are_background(exported: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """As in ultralytics: no label file, or an empty one, means an image without defects; both are kept and counted."""
+    root = tmp_path / "ds"
+    shutil.copytree(exported / "yolo" / "base", root)
+    labels = [t for t in sorted((root / "labels" / "train").glob("*.txt")) if t.read_text().strip()]
+    empty = sum(1 for t in (root / "labels").rglob("*.txt") if not t.read_text().strip())  # the export's own backgrounds
+    labels[0].unlink()
+    labels[1].write_text("")
+    rc, out, err = run(["check-data", str(root / "data.yaml")], capsys)
+    assert rc == 0 and f"({empty + 2} background, without defects)" in out, out + err
+
+
+def test_yolo_polygons_become_boxes_and_small_overshoots_are_clipped(tmp_path: Path) -> None:
+    from sdidd.data.records import Problems
+    from sdidd.data.yolo import parse_yolo_txt
+    txt = tmp_path / "a.txt"
+    txt.write_text("0 0.1 0.2 0.5 0.2 0.4 0.6\r\n1 0.5 0.5 1.02 0.2\r\n")  # a triangle; a box 1 % past both sides (CRLF)
+    clipped: list[str] = []
+    boxes, labels = parse_yolo_txt(txt, 100, 100, 2, Problems(strict=True), clipped)
+    assert labels.tolist() == [0, 1]
+    assert boxes[0].tolist() == pytest.approx([10, 20, 50, 60])
+    assert boxes[1].tolist() == pytest.approx([0, 40, 100, 60]) and len(clipped) == 1
 
 
 DESCRIPTION_ERRORS: dict[str, tuple[dict, str]] = {

@@ -53,6 +53,7 @@ class CheckReport:
     split: str
     num_images: int = 0
     num_boxes: int = 0
+    num_background: int = 0  # images without any box: no defect (kept for training and testing)
     class_counts: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -74,7 +75,8 @@ class CheckReport:
 
     def format(self) -> str:
         """Multi-line human-readable report."""
-        lines = [f"dataset {self.dataset} ({self.split}) at {self.root}: {self.num_images} images, {self.num_boxes} boxes"]
+        lines = [f"dataset {self.dataset} ({self.split}) at {self.root}: {self.num_images} images "
+                 f"({self.num_background} background, without defects), {self.num_boxes} boxes"]
         if self.class_counts:
             lines.append("  boxes per class: " + ", ".join(f"{c} {n}" for c, n in self.class_counts.items()))
         for kind in PROBLEM_KINDS:
@@ -252,6 +254,7 @@ def check_dataset(
         split=s,
         num_images=len(ds),
         num_boxes=ds.num_boxes,
+        num_background=sum(1 for r in ds.records if len(r.labels) == 0),
         class_counts=ds.class_counts(),
         counts={k: int(problems.counts.get(k, 0)) for k in PROBLEM_KINDS},
         examples={k: list(v) for k, v in problems.examples.items()},

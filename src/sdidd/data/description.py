@@ -4,7 +4,7 @@ A description names where a dataset lives and in which format; `sdidd train RECI
 `sdidd add-classes TEACHER FILE`, `sdidd eval CKPT data=FILE` and `sdidd check-data FILE` read it.
 
 ```yaml
-format: coco                   # coco | voc | yolo
+format: coco                   # coco | voc | yolo; without it, read from what `train` is (.json, images + labels/, VOC)
 path: .                        # folder the paths below are relative to (default: this file's folder)
 train: annotations/train.json  # coco: json; voc: ImageSets list, VOC folder or folder of pairs; yolo: image folder
 test: annotations/test.json    # optional (or `val`): the test split, same kinds as `train`
@@ -14,6 +14,7 @@ names: [patch, crack]          # coco, voc: optional check / class order; yolo: 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -23,11 +24,14 @@ from ..yaml_file import load_yaml
 from .coco_json import load_coco_json
 from .records import UNKNOWN_CLASS, DetectionDataset, Problems
 from .voc import load_voc
-from .yolo import load_yolo
+from .yolo import labels_dir_of, load_yolo
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "voc", "yolo")
 _KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "names", "nc"}
 _COCO_ONLY = ("images", "train_images", "test_images")
+_IGNORED = {"roboflow", "download"}  # ultralytics / Roboflow keys about where the data came from
 
 
 def _names(p: Path, desc: dict[str, Any], fmt: str) -> Optional[list[str]]:
@@ -62,15 +66,22 @@ def load_description(path: str | Path) -> dict[str, Any]:
     desc = load_yaml(p)
     if not isinstance(desc, dict):
         raise SdiddError(f"{p}: a dataset description is a mapping (format, path, train, test, names)")
+    ignored = sorted(set(map(str, desc)) & _IGNORED)
+    if ignored:
+        log.warning(f"warning: {p}: {', '.join(ignored)} ignored (where the data came from; sdidd reads the local files)")
+        desc = {k: v for k, v in desc.items() if k not in _IGNORED}
     unknown = sorted(set(map(str, desc)) - _KEYS)
     if unknown:
         raise SdiddError(f"{p}: unknown key {shown(unknown[0])} (valid: {', '.join(sorted(_KEYS))})")
-    fmt = desc.get("format", "coco")
-    if fmt not in FORMATS:
-        raise SdiddError(f"{p}: format {shown(fmt)} is not supported ({', '.join(FORMATS)})")
     for k in ("path", "train", "test", "val", "images", "train_images", "test_images"):
         if k in desc and not (isinstance(desc[k], str) and desc[k].strip()):
             raise SdiddError(f"{p}: '{k}' must be a path (a string), got {shown(desc[k])}")
+    fmt = desc.get("format")
+    if fmt is None:
+        fmt, why = _detect_format(p, desc)
+        log.info(f"{p}: no 'format' key, read as {fmt} ({why}); add format: coco, voc or yolo to choose")
+    if fmt not in FORMATS:
+        raise SdiddError(f"{p}: format {shown(fmt)} is not supported ({', '.join(FORMATS)})")
     if fmt != "coco":
         extra = [k for k in _COCO_ONLY if k in desc]
         if extra:
@@ -79,24 +90,61 @@ def load_description(path: str | Path) -> dict[str, Any]:
     test = desc.get("test", desc.get("val"))
     if "train" not in desc and not test:
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
-    try:
-        root = (p.parent / desc.get("path", ".")).resolve()
-    except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
-        raise SdiddError(f"{p}: 'path' {shown(desc.get('path'))} is no usable folder ({e})") from None
+    root = _root(p, desc)
     if fmt != "coco":
         return {"dataset": fmt, "root": str(root),
-                "train_path": str(root / desc["train"]) if "train" in desc else None,
-                "test_path": str(root / test) if test else None,
+                "train_path": str(_under(root, desc["train"])) if "train" in desc else None,
+                "test_path": str(_under(root, test)) if test else None,
                 "names": names}
     images = desc.get("images", ".")
     out: dict[str, Any] = {
         "dataset": "coco", "root": str(root),
-        "train_ann": str(root / desc["train"]) if "train" in desc else None, "test_ann": str(root / test) if test else None,
+        "train_ann": str(_under(root, desc["train"])) if "train" in desc else None,
+        "test_ann": str(_under(root, test)) if test else None,
         "images_dir": str(root / desc.get("train_images", images)),
         "test_images_dir": str(root / desc.get("test_images", images)),
         "names": names,
     }
     return out
+
+
+def _root(p: Path, desc: Mapping[str, Any]) -> Path:
+    """The folder a description's paths are relative to: its `path` (relative to the file), else the file's folder."""
+    try:
+        return (p.parent / desc.get("path", ".")).resolve()
+    except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+        raise SdiddError(f"{p}: 'path' {shown(desc.get('path'))} is no usable folder ({e})") from None
+
+
+def _under(root: Path, rel: str) -> Path:
+    """`rel` below `root`; a '../x' that is not there is tried as 'x', as ultralytics does for Roboflow exports."""
+    path = (root / rel).resolve()
+    if not path.exists() and rel.startswith("../") and (root / rel[3:]).exists():
+        return (root / rel[3:]).resolve()
+    return path
+
+
+def _detect_format(p: Path, desc: Mapping[str, Any]) -> tuple[str, str]:
+    """(format, why) of a description without a `format` key, from what its first split is on disk."""
+    key = next((k for k in ("train", "val", "test") if k in desc), None)
+    if key is None:
+        raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
+    rel = desc[key]
+    path = _under(_root(p, desc), rel)
+    if rel.lower().endswith(".json"):
+        return "coco", f"'{key}' is a .json file"
+    if path.is_dir():
+        if (path / "Annotations").is_dir() or next(path.glob("*.xml"), None) is not None:
+            return "voc", f"'{key}' is a VOC folder"
+        if labels_dir_of(path) != path and labels_dir_of(path).is_dir():
+            return "yolo", f"'{key}' is an image folder with its labels/ folder beside it"
+        if "nc" in desc or isinstance(desc.get("names"), dict):
+            return "yolo", "'nc' or 'names' as a mapping, as ultralytics writes them"
+    elif path.suffix.lower() == ".txt" and "ImageSets" in path.parts:
+        return "voc", f"'{key}' is a VOC ImageSets list"
+    what = "is not found" if not path.exists() else "does not show which format it is"
+    raise SdiddError(f"{p}: no 'format' key, and '{key}' ({path}) {what} (a .json is coco, an image folder with labels/ "
+                     "beside it yolo, a folder with Annotations/ voc); add format: coco, voc or yolo")
 
 
 def load_described_split(section: Mapping[str, Any], which: str, problems: Problems, check: bool = False) -> DetectionDataset:

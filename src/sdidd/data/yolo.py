@@ -3,14 +3,18 @@
 Each label line is ``class cx cy w h``: a class index into `names` and the box centre and size as
 fractions of the image width / height. The label file of ``.../images/<split>/a/b.jpg`` is
 ``.../labels/<split>/a/b.txt`` (the last ``images`` folder of the path becomes ``labels``; a split
-folder without one keeps its labels beside the images). An image without defects needs an empty
-label file: a missing one is reported, as is a label file without an image. Records are numbered
-``image_id = index + 1`` in the sorted order of the image paths (relative to the split folder), and
-their boxes are xyxy pixels of the image, whose size is read from its header.
+folder without one keeps its labels beside the images). As in ultralytics, an image with an empty or
+missing label file is a background image (no defect; kept for training and testing), a segmentation
+line ``class x1 y1 x2 y2 ...`` (a polygon) stands for its bounding box, and a box reaching a little past
+the border (up to 2 % of the image side) is clipped to it, with a count in the log; a label file without
+an image is reported. Records are numbered ``image_id = index + 1`` in the sorted order of the image
+paths (relative to the split folder), and their boxes are xyxy pixels of the image, whose size is read
+from its header.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,7 +24,6 @@ from PIL import Image
 from sdidd.data.records import (
     oriented_size,
     MALFORMED_ANNOTATION,
-    MISSING_ANNOTATION,
     MISSING_IMAGE,
     UNKNOWN_CLASS,
     UNREADABLE_IMAGE,
@@ -32,7 +35,10 @@ from sdidd.data.records import (
 from sdidd.data.voc import IMAGE_SUFFIXES
 from sdidd.errors import SdiddError
 
-__all__ = ["load_yolo", "labels_dir_of", "parse_yolo_txt"]
+__all__ = ["load_yolo", "labels_dir_of", "parse_yolo_txt", "CLIP_FRACTION"]
+
+log = logging.getLogger(__name__)
+CLIP_FRACTION = 0.02  # of the image side: how far past the border a box may reach and still be clipped, not refused
 
 
 def labels_dir_of(images_dir: Path) -> Path:
@@ -56,8 +62,12 @@ def _image_size(path: Path, problems: Problems) -> Optional[tuple[int, int]]:
     return int(w), int(h)
 
 
-def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int, problems: Problems) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(boxes xyxy pixels [N,4], labels [N]) of one label file; bad lines are reported and skipped; None if unreadable."""
+def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int, problems: Problems,
+                   clipped: Optional[list[str]] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(boxes xyxy pixels [N,4], labels [N]) of one label file; bad lines are reported and skipped; None if unreadable.
+
+    The line of every box clipped by more than a pixel is appended to `clipped`.
+    """
     try:
         text = txt.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -70,23 +80,33 @@ def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int, problem
         if not parts:
             continue
         where = f"{txt}:{n}"
-        if len(parts) != 5:
-            problems.add(MALFORMED_ANNOTATION, f"{where}: expected 'class cx cy w h', got {line.strip()[:80]!r}")
+        polygon = len(parts) >= 7 and len(parts) % 2 == 1  # class x1 y1 x2 y2 x3 y3 ...: a segmentation label
+        if len(parts) != 5 and not polygon:
+            problems.add(MALFORMED_ANNOTATION, f"{where}: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 ...', "
+                                               f"got {line.strip()[:80]!r}")
             continue
         try:
             cls = int(parts[0])
-            cx, cy, bw, bh = (float(v) for v in parts[1:])
+            values = [float(v) for v in parts[1:]]
         except ValueError:
             problems.add(MALFORMED_ANNOTATION, f"{where}: expected 'class cx cy w h', got {line.strip()[:80]!r}")
             continue
+        if polygon:  # its bounding box
+            xs, ys = values[0::2], values[1::2]
+            values = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+        cx, cy, bw, bh = values
         if not 0 <= cls < num_classes:
             problems.add(UNKNOWN_CLASS, f"{where}: class index {cls} is out of range (names has {num_classes}: 0..{num_classes - 1})")
             continue
         shown = f"box cx={cx:g} cy={cy:g} w={bw:g} h={bh:g}"
         with np.errstate(all="ignore"):  # inf/nan values: check_box reports them
             x1, y1, x2, y2 = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height)
-        box = check_box((x1, y1, x2, y2), width, height, where, problems, shown=shown)
+        # ultralytics clips boxes to the image; a small overshoot is clipped here too (and counted), more is an error.
+        box = check_box((x1, y1, x2, y2), width, height, where, problems, tol=max(1.0, CLIP_FRACTION * max(width, height)),
+                        shown=shown)
         if box is not None:
+            if clipped is not None and (x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1):
+                clipped.append(where)
             boxes.append(box)
             labels.append(cls)
     arr = np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)
@@ -106,18 +126,22 @@ def load_yolo(images_dir: str | Path, names: Sequence[str], problems: Optional[P
         raise SdiddError(f"{images_dir}: holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
     records: list[Record] = []
     seen: set[Path] = set()
+    clipped: list[str] = []
     for k, image in enumerate(images):
         txt = (labels_dir / image.relative_to(images_dir)).with_suffix(".txt")
         seen.add(txt)
-        if not txt.is_file():
-            problems.add(MISSING_ANNOTATION, f"{image}: no label file {txt} (an image without defects needs an empty one)")
-            continue
         size = _image_size(image, problems)
         if size is None:
             continue
-        parsed = parse_yolo_txt(txt, size[0], size[1], len(names), problems)
+        if not txt.is_file():  # a background image, as ultralytics reads it
+            records.append(Record(k + 1, str(image), size[0], size[1]))
+            continue
+        parsed = parse_yolo_txt(txt, size[0], size[1], len(names), problems, clipped)
         if parsed is not None:
             records.append(Record(k + 1, str(image), size[0], size[1], parsed[0], parsed[1]))
+    if clipped:
+        log.warning(f"warning: {images_dir}: {len(clipped)} box(es) reach past the image border and were clipped "
+                    f"(e.g. {clipped[0]})")
     if labels_dir != images_dir and labels_dir.is_dir():
         for txt in sorted(labels_dir.rglob("*.txt")):
             if txt not in seen and txt.name != "classes.txt":

@@ -116,8 +116,9 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
     """The boxes of classes `keep` (default: all of `channels`) labelled with their model channel = index in `channels`.
 
     Classes are matched by name: a dataset class that is no channel is dropped, and a channel the dataset
-    lacks (an old class in a new-class dataset) simply has no box. Images without a kept box are dropped
-    unless `keep_empty` (test sets keep every image).
+    lacks (an old class in a new-class dataset) simply has no box. Background images (no box at all: no defect)
+    are kept, since they teach "no defect here"; images whose boxes are all of other classes are dropped unless
+    `keep_empty` (test sets keep every image): their defects are not this view's to learn, nor background.
     """
     kept = list(channels if keep is None else keep)
     missing = [c for c in kept if c not in dataset.classes and keep is not None]
@@ -131,7 +132,7 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
     for r in dataset.records:
         new = lut[r.labels] if len(r.labels) else r.labels
         m = new >= 0
-        if m.any() or keep_empty:
+        if m.any() or keep_empty or len(r.labels) == 0:
             records.append(dataclasses.replace(r, boxes=r.boxes[m], labels=new[m]))
     out = dataset.with_records(records)
     out.classes = list(channels)

@@ -1,0 +1,72 @@
+"""A dataset as ultralytics users have it: their data.yaml as it is (no `format`, `nc`, names as a dict, Roboflow keys,
+`../` paths), polygons, images without label files, CRLF line ends and upper-case suffixes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sdidd.data.description import load_description
+from test_cli_errors import error_line
+from test_cli_errors import run_cli as run
+
+torch.set_num_threads(1)
+
+
+def make_roboflow_export(root: Path, n_train: int = 6, n_val: int = 3) -> Path:
+    """A Roboflow-style YOLO export: data.yaml in the root with '../train/images' paths; returns the yaml."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("valid", n_val)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+            img[10:30, 10:40] = 230
+            Image.fromarray(img).save(root / split / "images" / f"img_{i}.JPG")
+            if i == 0:
+                continue  # no label file: a background image
+            lines = ["0 0.390625 0.3125 0.46875 0.3125"]  # the bright patch
+            if i % 2:
+                lines.append("1 0.7 0.7 0.8 0.7 0.75 0.9")  # a polygon (segmentation label)
+            (root / split / "labels" / f"img_{i}.txt").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    desc = {"train": "../train/images", "val": "../valid/images", "nc": 2, "names": {0: "stain", 1: "hole"},
+            "roboflow": {"workspace": "w", "project": "p", "version": 1, "license": "CC BY 4.0",
+                         "url": "https://example.invalid/p/1"}}
+    (root / "data.yaml").write_text(yaml.safe_dump(desc))
+    return root / "data.yaml"
+
+
+def test_an_ultralytics_data_yaml_is_read_as_yolo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = make_roboflow_export(tmp_path / "export")
+    section = load_description(path)
+    assert section["dataset"] == "yolo" and section["names"] == ["stain", "hole"]
+    assert section["train_path"] == str((tmp_path / "export" / "train" / "images").resolve())
+    rc, out, err = run(["check-data", str(path)], capsys)
+    assert rc == 0, out + err
+    assert "9 images (2 background, without defects)" in out and "stain 7, hole 4" in out, out
+
+
+def test_a_description_whose_format_cannot_be_told_says_how_to_set_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"train": "stuff", "names": ["a"]}))
+    rc, _, err = run(["check-data", str(tmp_path / "data.yaml")], capsys)
+    line = error_line(err)
+    assert rc == 2 and "no 'format' key" in line and "add format: coco, voc or yolo" in line
+
+
+@pytest.mark.slow
+def test_training_runs_on_an_ultralytics_export_as_it_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = make_roboflow_export(tmp_path / "export")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"train_sizes": [64], "test_size": 64, "max_size": 64},
+        "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
+        "train": {"epochs": 2, "min_iters": 0, "batch_size": 4, "workers": 0, "threads": 1, "device": "cpu",
+                  "progress": False, "warmup_iters": 2, "milestones": [2]}}))
+    rc, out, err = run(["train", str(recipe), f"data={path}", f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "run" / "last.pth").is_file() and "stain" in out and "hole" in out
