@@ -105,7 +105,7 @@ def test_add_classes_chain_and_refusals(exported: Path, base_model: Path, tmp_pa
 
     # Refusals, one line each.
     rc, _, err = run(["add-classes", str(base_model), str(exported / "base" / "data.yaml"), "--out", str(tmp_path / "x")], capsys)
-    assert rc == 2 and "the teacher already knows 'scratch'" in one_line(err)
+    assert rc == 2 and "the new dataset names no class the teacher does not know" in one_line(err)
     empty = tmp_path / "empty"
     empty.mkdir()
     doc = json.loads((exported / "new" / "annotations" / "train.json").read_text())
@@ -128,3 +128,41 @@ def test_a_description_combines_with_data_key_overrides_in_any_order(exported: P
         cfg = load_config(recipe, order)
         assert cfg.data.dataset == "coco" and cfg.data.train_ann.endswith("train.json")
         assert cfg.data.test_size == 48 and cfg.data.on_bad_data == "skip"
+
+
+@pytest.mark.slow
+def test_a_new_dataset_may_name_and_label_old_classes(exported: Path, base_model: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A full names list with old classes at zero boxes is fine; old classes that the new images label are trained
+    from those labels (and get no pseudo-labels), and measured on the new test split when no old test set is given."""
+    names_only = tmp_path / "names_only"
+    names_only.mkdir()
+    for split in ("train", "test"):
+        doc = json.loads((exported / "new" / "annotations" / f"{split}.json").read_text())
+        ids = {c["id"]: c["name"] for c in doc["categories"]}
+        doc["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(["scratch", "spot", "patch", "crack"])]
+        for a in doc["annotations"]:
+            a["category_id"] = ["scratch", "spot", "patch", "crack"].index(ids[a["category_id"]]) + 1
+        (names_only / f"{split}.json").write_text(json.dumps(doc))
+    (names_only / "data.yaml").write_text(yaml.safe_dump({
+        "format": "coco", "path": str(exported / "new"), "train": str(names_only / "train.json"),
+        "test": str(names_only / "test.json"), "train_images": "images/train", "test_images": "images/test"}))
+    rc, out, err = run(["add-classes", str(base_model), str(names_only / "data.yaml"), "--out", str(tmp_path / "a"),
+                        "train.threads=1"], capsys)
+    assert rc == 0, err
+    assert load_checkpoint(tmp_path / "a" / "last.pth")["classes"] == ["scratch", "spot", "patch", "crack"]
+    assert "labels old classes too" not in out  # named, but no box: nothing to train from
+
+    labelled = tmp_path / "labelled"  # every defect labelled (the all-class test images stand in for such a set)
+    labelled.mkdir()
+    (labelled / "data.yaml").write_text(yaml.safe_dump({
+        "format": "coco", "path": str(exported / "all_test"), "train": "annotations/test.json",
+        "test": "annotations/test.json", "images": "images/test"}))
+    rc, out, err = run(["add-classes", str(base_model), str(labelled / "data.yaml"), "--out", str(tmp_path / "b"),
+                        "train.threads=1"], capsys)
+    assert rc == 0, err
+    assert "labels old classes too (scratch" in out and "trained from those labels, with no pseudo-labels" in out
+    table = json.loads((tmp_path / "b" / "add_classes.json").read_text())
+    rows = {r["class"]: r for r in table["rows"]}
+    assert "new dataset's test split" in rows["scratch"]["test_set"] and rows["scratch"]["ap50"] == rows["scratch"]["ap50"]
+

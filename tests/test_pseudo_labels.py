@@ -81,3 +81,34 @@ def test_a_pseudo_label_must_score_above_what_the_teacher_gives_new_class_object
     assert thr[0] == pytest.approx(0.6) and np.isinf(thr[1])  # raised to the ceiling; class 1: no scores
     out, stats = pl.add_pseudo_labels(ds, dets, thr, overlap_iou=0.5)
     assert out.records[0].boxes.tolist()[1:] == [[5, 60, 30, 90]] and stats["pseudo_boxes"] == 1
+
+
+def test_labelled_old_classes_get_no_pseudo_labels_and_do_not_set_the_negative_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the old class a labelled in the image (channel 0), the teacher's confident a-detection is not added again,
+    and the teacher's b-score on that a-box does not count as a score 'on a new-class object'."""
+    rec = Record(image_id=7, file="x.png", width=100, height=100,
+                 boxes=np.array([[5, 5, 30, 30], [50, 50, 90, 90]], np.float32), labels=np.array([0, 2]))
+    ds = DetectionDataset(["a", "b", "c", "d"], [rec])
+    dets = {7: _dets([[6, 6, 30, 30], [5, 5, 29, 31], [60, 5, 95, 30]] * 2, [0.9, 0.8, 0.95, 0.1, 0.2, 0.3], [0, 1, 0, 0, 1, 0])}
+    assert pl.negative_ceilings(ds, dets, num_old=2, overlap_iou=0.5).tolist() == [0.0, 0.0]  # the only GT is new: none
+    monkeypatch.setattr(pl, "teacher_detections", lambda *a, **k: dets)
+    teacher = type("T", (), {"cfg": type("C", (), {"num_classes": 2})()})()
+    out, stats = pl.pseudo_labelled(ds, teacher, None, torch.device("cpu"), sigmas=0.0, overlap_iou=0.5, labelled=[0])
+    added = out.records[0].labels[2:].tolist()
+    assert 0 not in added and stats["per_class"][0] == 0
+
+
+def test_old_labels_keep_the_old_boxes_and_train_their_channels(tmp_path: Path) -> None:
+    from sdidd.engine.protocol import step_specs
+    spec = step_specs([["scratch", "spot"], ["patch", "crack"]], "sdidd", old_labels=True)[1]
+    assert spec.labelled_old == ["scratch", "spot"] and spec.num_old == 2
+    assert step_specs([["scratch", "spot"], ["patch", "crack"]], "sdidd")[1].labelled_old == []
+    cfg = config_from_dict({**TINY, "data": {**TINY["data"], "dataset": "synthetic", "num_train_images": 8,
+                                             "num_test_images": 4},
+                            "train": {**TINY["train"], "out_dir": str(tmp_path / "s")}})
+    data = load_run_data(cfg.data)
+    teacher = build_detector(detector_config(cfg, 2))
+    step = build_step(cfg, spec, data, tmp_path / "s", teacher)
+    assert step.trained.tolist() == [True, True, True, True]
+    labels = np.concatenate([r.labels for r in step.loader.dataset.records])
+    assert (labels < 2).any() and (labels >= 2).any()  # old boxes kept beside the new ones

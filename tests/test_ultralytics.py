@@ -69,4 +69,43 @@ def test_training_runs_on_an_ultralytics_export_as_it_is(tmp_path: Path, capsys:
                   "progress": False, "warmup_iters": 2, "milestones": [2]}}))
     rc, out, err = run(["train", str(recipe), f"data={path}", f"train.out_dir={tmp_path / 'run'}"], capsys)
     assert rc == 0, err
-    assert (tmp_path / "run" / "last.pth").is_file() and "stain" in out and "hole" in out
+    run_dir = tmp_path / "run"
+    assert (run_dir / "last.pth").is_file() and "stain" in out and "hole" in out
+    # No test split: every evaluation reads val, said so; an epoch-by-epoch record and a best.pth chosen there.
+    assert "last epoch, val split (the dataset has no test split)" in out
+    assert "epoch 1: mAP50" in out and "on the val split" in out
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert rows[0] == "epoch,iteration,split,map50,map" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert (run_dir / "best.pth").is_file() and (run_dir / "losses.png").is_file() and (run_dir / "results.png").is_file()
+    assert str(run_dir / "last.pth") in out
+    rc, _, err = run(["eval", str(run_dir / "last.pth"), f"data={path}", "--split", "bogus"], capsys)
+    assert rc == 2 and "split 'bogus': not a split of this dataset (it has train, val)" in error_line(err)
+    rc, out, err = run(["eval", str(run_dir / "last.pth"), f"data={path}", "--split", "val"], capsys)
+    assert rc == 0, err
+
+
+def test_ultralytics_habits_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sdidd.config import load_config
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"max_size": 320}}))
+    assert load_config(recipe, ["data.train_sizes=320", "data.test_size=320"]).data.train_sizes == [320]  # a scalar is one size
+    for arg, hint in (("imgsz=320", "data.train_sizes and data.test_size"), ("batch=16", "train.batch_size"),
+                      ("epochs=5", "train.epochs")):
+        rc, _, err = run(["train", str(recipe), arg], capsys)
+        assert rc == 2 and hint in error_line(err), (arg, err)
+    if not torch.cuda.is_available():  # the device is checked before any data is read
+        rc, _, err = run(["train", str(recipe), "--device", "cuda", "data.root=/nonexistent"], capsys)
+        assert rc == 2 and "CUDA is not available" in error_line(err)
+
+
+def test_train_with_only_a_data_yaml_uses_the_recipe_for_ones_own_defects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = make_roboflow_export(tmp_path / "export")
+    rc, out, err = run(["train", f"data={path}", "train.epochs=1", "train.min_iters=0", "train.threads=1",
+                        "model.pretrained=false", "model.fpn_channels=16", "model.head_channels=16", "model.head_convs=1",
+                        "train.milestones=[1]", "train.progress=false", f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert rc == 0, err
+    assert "short side 64" in out and "from the data" in out  # the recipe's sizes come from the images
+    cfg = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["name"] == "defects" and cfg["model"]["backbone"] == "tf_efficientnet_lite0"
+    rc, _, err = run(["train", "nope.yaml"], capsys)
+    assert rc == 2 and "packaged recipes: " in error_line(err) and "defects" in error_line(err)

@@ -162,7 +162,7 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     for method in methods:
         mcfg, base = method_config(cfg, method)
         # Step 1's new-class teacher (distill.new_teacher=finetune) is the finetune method's step 1: same teacher, data, seed.
-        results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
+        results = run_steps(mcfg, data, step_specs(groups, base, mcfg.incremental.old_labels)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
                             teacher=teacher_res.model,
                             new_teacher_dir=lambda s: out_dir / "finetune" / f"step{s.step}" if s.step == 1 else None)
         result = results[-1]

@@ -16,11 +16,18 @@ if typing.TYPE_CHECKING:
     from .config import Config, DataConfig
 
 
+DEFAULT_RECIPE = "defects"  # what `sdidd train data=FILE` trains with when no recipe is named
+
+
 def _run_config(a: argparse.Namespace) -> "Config":
     """Load CONFIG + overrides and join torchrun's process group when launched by it."""
     from .config import load_config
+    from .device import select_device
     from .engine import distributed as dist
+    if "=" in a.config:  # `sdidd train data=FILE ...`: no recipe named, the packaged one for one's own defects
+        a.overrides, a.config = [a.config, *a.overrides], DEFAULT_RECIPE
     cfg = load_config(a.config, a.overrides)
+    select_device(cfg.train.device)  # an unavailable device is said now, not after the data has loaded
     dist.init_from_env(cfg.train.device)
     cfg.train.device = dist.device_for_rank(cfg.train.device)
     return cfg
@@ -28,6 +35,8 @@ def _run_config(a: argparse.Namespace) -> "Config":
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from .engine.protocol import run_train
+    if a.device:
+        a.overrides = [*a.overrides, f"train.device={a.device}"]
     run_train(_run_config(a))
     return 0
 
@@ -66,6 +75,14 @@ def _description_with(path: str, keys: object) -> tuple:
     return path, keys
 
 
+def _default_eval_split(d: "DataConfig") -> str:
+    """The split `eval` reads without --split: the test split, or a described dataset's val split when it has no test split."""
+    from .data.description import FORMATS, described_splits
+    if d.dataset in FORMATS and "test" not in described_splits(vars(d)) and "val" in described_splits(vars(d)):
+        return "val"
+    return d.test_split
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .device import select_device
     from .engine.build import StepSpec
@@ -79,17 +96,17 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         cfg.data.dataset = a.data
     if a.root:
         cfg.data.root = a.root
-    cfg.data.test_split = a.split or cfg.data.test_split
+    split_name = a.split or _default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = model_from_checkpoint(state, device)
     classes = list(state["classes"])
-    split = decode_once(load_split(cfg.data, cfg.data.test_split), cfg.data)
+    split = decode_once(load_split(cfg.data, split_name), cfg.data)
     test = channel_view(split, classes, keep_empty=True)
     spec = StepSpec(classes, list(state.get("new_classes", classes)))
     groups = spec.groups
     detections: dict = {}
     result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers, detections_out=detections)
-    log_result(result, f"{a.checkpoint}: {cfg.data.dataset} {cfg.data.test_split}")
+    log_result(result, f"{a.checkpoint}: {cfg.data.dataset} {split_name}")
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
     save_result_json(result, out)
     # Every detection as a COCO results list: the dataset's own image ids and category ids, for other tools.
@@ -253,12 +270,13 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _described_inputs(path: str) -> dict:
-    """Files, image ids, file names (relative to the dataset folder) and category ids of a description's test split (else train)."""
-    from .data.description import load_described_split, load_description
+    """Files, image ids, file names (relative to the dataset folder) and category ids of a description's test split
+    (else its val split, else train)."""
+    from .data.description import described_splits, load_described_split, load_description
     from .data.records import Problems
     section = load_description(path)
-    has_test = section.get("test_ann") or section.get("test_path")
-    ds = load_described_split(section, "test" if has_test else "train", Problems(strict=True))
+    have = described_splits(section)
+    ds = load_described_split(section, next(s for s in ("test", "val", "train") if s in have), Problems(strict=True))
     root = Path(section["root"])
     names = []
     for r in ds.records:
@@ -296,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a detector on all (or data.classes) classes")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=2")
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as train.device=...)")
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("incremental", help="run the class-incremental protocol (base step, then new classes)")
@@ -353,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help="a dataset description (.yaml: coco, voc or yolo) or a folder holding data.yaml; "
                    "neu-det, deeppcb, synthetic; a dataset folder (NEU-DET, DeepPCB, VOC) or a COCO .json")
     s.add_argument("--root")
-    s.add_argument("--split", default="all", help="all, train or test")
+    s.add_argument("--split", default="all", help="all, train, val or test")
     s.add_argument("--images-dir", help="COCO only: folder of the json's file names (default: images/ beside the json, else its folder)")
     s.set_defaults(fn=_cmd_check_data)
 

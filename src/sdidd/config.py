@@ -36,9 +36,12 @@ class DataConfig:
     test_images_dir: Optional[str] = None  # coco only: image folder of the test split
     train_ann: Optional[str] = None  # coco only
     test_ann: Optional[str] = None  # coco only (None: no test split)
+    val_ann: Optional[str] = None  # coco only: a validation split (per-epoch evaluation and best.pth; None: none)
+    val_images_dir: Optional[str] = None  # coco only: image folder of the val split (default: images_dir)
     names: Optional[list[str]] = None  # the class names the annotations must hold, in order (from a description file)
     train_path: Optional[str] = None  # voc / yolo: the train split (VOC list file or folder; YOLO image folder)
     test_path: Optional[str] = None  # voc / yolo: the test split (None: no test split)
+    val_path: Optional[str] = None  # voc / yolo: a validation split (per-epoch evaluation and best.pth; None: none)
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
     check: bool = True  # decode and check every image before training
     cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)
@@ -91,7 +94,9 @@ class TrainConfig:
     deterministic: bool = False
     threads: Optional[int] = None  # torch CPU threads
     log_every: int = 10
-    eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
+    # Evaluate every N epochs (0: only after the last epoch). None: with a val split, about ten times per run (and a
+    # best.pth chosen there); without one, only after the last epoch.
+    eval_every: Optional[int] = None
     out_dir: str = "runs/default"
     keep_checkpoints: int = 1  # epoch_<n>.pth files kept beside last.pth (the newest ones; 0: only last.pth)
     resume: bool = False
@@ -172,6 +177,9 @@ class IncrementalConfig:
     milestones: Optional[list[int]] = None  # lr x gamma at these epochs of incremental steps (None: train.milestones)
     # Small-data protocol: each step after the base trains on this many (seeded) images holding a box of its new classes
     new_images: Optional[int] = None
+    # The new images keep the labels of the old classes they show (a line that labels every defect it sees): those
+    # are trained as ground truth too. False: the paper's protocol, the new images carry new-class labels only.
+    old_labels: bool = False
 
 
 @dataclass
@@ -233,6 +241,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise SdiddError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {shown(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and typing.get_origin(inner) is None:
+            value = [value]  # `data.train_sizes=320` means [320]
         if not isinstance(value, list):
             raise SdiddError(f"config key '{key}': expected a list, got {shown(value)}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -283,8 +293,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# ultralytics' names of settings that sdidd spells differently (a top-level `imgsz=640` gets a hint, not a guess).
+_ULTRALYTICS = {"imgsz": "data.train_sizes and data.test_size", "batch": "train.batch_size", "lr0": "train.lr",
+                "workers": "train.workers", "project": "train.out_dir"}
+
+
 def _elsewhere(key: str) -> str:
     """', did you mean 'train.resume'?' when a top-level key is a field of a section (a forgotten prefix)."""
+    if key in _ULTRALYTICS:
+        return f", ultralytics' {key}: in sdidd {_ULTRALYTICS[key]}"
     sections = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
     hits = [f"{name}.{key}" for name, cls in sections.items() if dataclasses.is_dataclass(cls) and key in {g.name for g in fields(cls)}]
     return ", did you mean " + " or ".join(f"'{h}'" for h in hits) + "?" if hits else ""
@@ -350,7 +367,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file() and p.suffix == "" and p.name == str(path):  # a recipe shipped with sdidd, by name
             p = packaged_config(str(path))
         if not p.is_file():
-            raise SdiddError(f"{p}: config file not found")
+            known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+            raise SdiddError(f"{p}: config file not found (packaged recipes: {known})")
         data = load_yaml(p) or {}
         if not isinstance(data, dict):
             raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
@@ -368,7 +386,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # The keys that say which dataset a run reads (as opposed to how its images are sized and checked).
 DATASET_KEYS = ("dataset", "root", "train_split", "test_split", "classes", "num_train_images", "num_test_images",
-                 "images_dir", "test_images_dir", "train_ann", "test_ann", "names", "train_path", "test_path")
+                 "images_dir", "test_images_dir", "train_ann", "test_ann", "names", "train_path", "test_path",
+                 "val_ann", "val_images_dir", "val_path")
 
 
 MAX_SIDE = 8192  # pixels: a larger network input does not fit a training machine's memory (and no defect needs it)
@@ -418,7 +437,7 @@ def validate(cfg: Config) -> None:
     need(t.teacher_cache_gb >= 0, "train.teacher_cache_gb", "must be >= 0 (0: off)")
     need(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
-    need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only after the last epoch)")
+    need(t.eval_every is None or t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only after the last epoch)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "must be auto, cpu or cuda[:N]")
     need(inc.method in METHODS, "incremental.method", f"must be one of {', '.join(METHODS)}")
     need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")

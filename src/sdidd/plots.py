@@ -160,6 +160,23 @@ def plot_training_curves(csv_path: str | Path, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_results(csv_path: str | Path, path: str | Path) -> Path:
+    """mAP50 and mAP of each evaluation during training (a run's results.csv) against the epoch."""
+    log = _read_log(csv_path)
+    if "epoch" not in log or "map50" not in log:
+        raise ValueError(f"{csv_path}: no 'epoch' and 'map50' columns")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(log["epoch"], log["map50"], marker="o", label="mAP50")
+    if "map" in log:
+        ax.plot(log["epoch"], log["map"], marker="o", label="mAP (.5:.95)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("%")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    ax.set_title(f"evaluation during training: {Path(csv_path).parent.name}/{Path(csv_path).name}")
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------------------------- detections
 
 def _font(size: int) -> ImageFont.ImageFont:

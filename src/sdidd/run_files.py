@@ -22,7 +22,8 @@ from .errors import SdiddError
 
 LOCK_NAME = ".sdidd.lock"
 # What one training run writes into its folder; train.overwrite removes these and nothing else.
-RUN_FILES = ("last.pth", "epoch_*.pth", "config.json", "metrics.json", "log.csv", "add_classes.json", "tb", "new_teacher")
+RUN_FILES = ("last.pth", "best.pth", "epoch_*.pth", "config.json", "metrics.json", "log.csv", "results.csv", "losses.png",
+             "results.png", "add_classes.json", "tb", "new_teacher")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -47,6 +48,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, **kw: Any) -> None:
     """`obj` as JSON at `path`, atomically (see :func:`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(obj, **kw))
+
+
+def append_result_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Add `row` to the CSV `path` (rewritten whole), dropping rows of its epoch and later (a resumed run redoes them)."""
+    import csv
+    import io
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r.get("epoch") or 0) < int(row["epoch"])]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerows([{k: r.get(k, "") for k in row} for r in rows] + [row])
+    write_text_atomic(path, out.getvalue())
 
 
 class FolderLock:

@@ -36,7 +36,7 @@ from sdidd.data.records import (
     Problems,
     check_box,
 )
-from sdidd.data.description import load_described_split, load_description
+from sdidd.data.description import described_splits, load_described_split, load_description
 from sdidd.data.synthetic import load_synthetic
 from sdidd.data.voc import load_voc
 from sdidd.errors import SdiddError
@@ -159,11 +159,11 @@ def _check_boxes_only(dataset: DetectionDataset, problems: Problems) -> None:
 def _described(path: Path, split: str, problems: Problems) -> DetectionDataset:
     """The records of a description's splits (`split`: all, train or test), with problems collected."""
     d = load_description(path)
-    which = {"all": ["train", "test"], "train": ["train"], "trainval": ["train"], "test": ["test"]}.get(split)
+    which = {"all": ["train", "val", "test"], "train": ["train"], "trainval": ["train"], "val": ["val"],
+             "test": ["test"]}.get(split)
     if which is None:
-        raise SdiddError(f"{path}: unknown split {split!r} (all, train, test)")
-    given = {"train": d.get("train_ann") or d.get("train_path"), "test": d.get("test_ann") or d.get("test_path")}
-    loaded = [load_described_split(d, w, problems, check=True) for w in which if given[w]]
+        raise SdiddError(f"{path}: unknown split {split!r} (all, train, val, test)")
+    loaded = [load_described_split(d, w, problems, check=True) for w in which if w in described_splits(d)]
     if not loaded:
         raise SdiddError(f"{path}: has no {split} split")
     classes = list(loaded[0].classes)

@@ -29,8 +29,8 @@ from .yolo import labels_dir_of, load_yolo
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "voc", "yolo")
-_KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "names", "nc"}
-_COCO_ONLY = ("images", "train_images", "test_images")
+_KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "val_images", "names", "nc"}
+_COCO_ONLY = ("images", "train_images", "test_images", "val_images")
 _IGNORED = {"roboflow", "download"}  # ultralytics / Roboflow keys about where the data came from
 
 
@@ -73,7 +73,7 @@ def load_description(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(map(str, desc)) - _KEYS)
     if unknown:
         raise SdiddError(f"{p}: unknown key {shown(unknown[0])} (valid: {', '.join(sorted(_KEYS))})")
-    for k in ("path", "train", "test", "val", "images", "train_images", "test_images"):
+    for k in ("path", "train", "test", "val", "images", "train_images", "test_images", "val_images"):
         if k in desc and not (isinstance(desc[k], str) and desc[k].strip()):
             raise SdiddError(f"{p}: '{k}' must be a path (a string), got {shown(desc[k])}")
     fmt = desc.get("format")
@@ -87,25 +87,23 @@ def load_description(path: str | Path) -> dict[str, Any]:
         if extra:
             raise SdiddError(f"{p}: '{extra[0]}' is a coco key; a {fmt} description names its image folders in train/test")
     names = _names(p, desc, fmt)
-    test = desc.get("test", desc.get("val"))
-    if "train" not in desc and not test:
+    if not any(k in desc for k in ("train", "test", "val")):
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
     root = _root(p, desc)
+
+    def split(key: str) -> Optional[str]:
+        return str(_under(root, desc[key])) if key in desc else None
     if fmt != "coco":
-        return {"dataset": fmt, "root": str(root),
-                "train_path": str(_under(root, desc["train"])) if "train" in desc else None,
-                "test_path": str(_under(root, test)) if test else None,
-                "names": names}
+        return {"dataset": fmt, "root": str(root), "train_path": split("train"), "test_path": split("test"),
+                "val_path": split("val"), "names": names}
     images = desc.get("images", ".")
-    out: dict[str, Any] = {
-        "dataset": "coco", "root": str(root),
-        "train_ann": str(_under(root, desc["train"])) if "train" in desc else None,
-        "test_ann": str(_under(root, test)) if test else None,
+    return {
+        "dataset": "coco", "root": str(root), "train_ann": split("train"), "test_ann": split("test"), "val_ann": split("val"),
         "images_dir": str(root / desc.get("train_images", images)),
         "test_images_dir": str(root / desc.get("test_images", images)),
+        "val_images_dir": str(root / desc.get("val_images", desc.get("test_images", images))),
         "names": names,
     }
-    return out
 
 
 def _root(p: Path, desc: Mapping[str, Any]) -> Path:
@@ -147,15 +145,23 @@ def _detect_format(p: Path, desc: Mapping[str, Any]) -> tuple[str, str]:
                      "beside it yolo, a folder with Annotations/ voc); add format: coco, voc or yolo")
 
 
+def described_splits(section: Mapping[str, Any]) -> list[str]:
+    """The splits ('train', 'val', 'test') a described dataset (a `data` section of coco / voc / yolo) has."""
+    key = "_ann" if section["dataset"] == "coco" else "_path"
+    return [s for s in ("train", "val", "test") if section.get(s + key)]
+
+
 def load_described_split(section: Mapping[str, Any], which: str, problems: Problems, check: bool = False) -> DetectionDataset:
-    """The `which` ('train' or 'test') split of a described dataset (a `data` section of coco / voc / yolo).
+    """The `which` ('train', 'val' or 'test') split of a described dataset (a `data` section of coco / voc / yolo).
 
     COCO categories that differ from the description's `names` are an error (with `check`: a counted problem).
     """
     fmt = section["dataset"]
+    if which not in ("train", "val", "test"):
+        raise SdiddError(f"split {shown(which)}: a described dataset has train, val and test splits")
     if fmt == "coco":
-        ann = section["train_ann"] if which == "train" else section["test_ann"]
-        images = section["images_dir"] if which == "train" else (section.get("test_images_dir") or section["images_dir"])
+        ann = section.get(f"{which}_ann")
+        images = section["images_dir"] if which == "train" else (section.get(f"{which}_images_dir") or section["images_dir"])
         if not images:
             raise SdiddError("config key 'data.images_dir' is needed for a coco dataset")
         if ann is None:
@@ -168,7 +174,7 @@ def load_described_split(section: Mapping[str, Any], which: str, problems: Probl
                 raise SdiddError(msg)
             problems.add(UNKNOWN_CLASS, msg)
         return ds
-    split_path = section["train_path"] if which == "train" else section["test_path"]
+    split_path = section.get(f"{which}_path")
     if split_path is None:
         raise SdiddError(f"config key 'data.{which}_path': the {fmt} dataset has no {which} split")
     if fmt == "voc":

@@ -14,9 +14,11 @@ the image's boxes with the old class's channel, and the step then trains every c
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +70,8 @@ def negative_ceilings(dataset: DetectionDataset, detections: Detections, num_old
         det = detections.get(int(r.image_id))
         if det is None or len(det["scores"]) == 0:
             continue
-        on_new = (_overlap_with_gt(det, np.asarray(r.boxes).reshape(-1, 4)) >= overlap_iou) & (det["labels"] < num_old)
+        new_gt = np.asarray(r.boxes).reshape(-1, 4)[np.asarray(r.labels) >= num_old]  # labelled old defects are old defects
+        on_new = (_overlap_with_gt(det, new_gt) >= overlap_iou) & (det["labels"] < num_old)
         if on_new.any():
             np.maximum.at(ceil, det["labels"][on_new].astype(np.int64), det["scores"][on_new])
     return ceil
@@ -101,13 +104,25 @@ def add_pseudo_labels(dataset: DetectionDataset, detections: Detections, thresho
 
 
 def pseudo_labelled(dataset: DetectionDataset, teacher: torch.nn.Module, data_cfg: Any, device: torch.device,
-                    sigmas: float, overlap_iou: float, workers: Optional[int] = None) -> tuple[DetectionDataset, dict[str, Any]]:
-    """Detect with the teacher once, derive the per-class thresholds, add the kept detections (logged)."""
+                    sigmas: float, overlap_iou: float, workers: Optional[int] = None,
+                    labelled: Sequence[int] = ()) -> tuple[DetectionDataset, dict[str, Any]]:
+    """Detect with the teacher once, derive the per-class thresholds, add the kept detections (logged).
+
+    Old classes in `labelled` (channels the dataset labels itself) get no pseudo-labels.
+    """
     num_old = int(teacher.cfg.num_classes)
     detections = teacher_detections(teacher, dataset, data_cfg, device, workers=workers)
     thresholds = score_thresholds(detections, num_old, sigmas, negative_ceilings(dataset, detections, num_old, overlap_iou))
+    thresholds[list(labelled)] = np.inf
     out, stats = add_pseudo_labels(dataset, detections, thresholds, overlap_iou)
     names = dataset.classes[:num_old]
     log.info(f"pseudo-labels: {stats['pseudo_boxes']} old-class boxes on {stats['pseudo_images']} of {stats['images']} "
-             f"training images ({', '.join(f'{c} {n} at score >= {t:.2f}' for c, n, t in zip(names, stats['per_class'], thresholds))})")
+             f"training images ({', '.join(_per_class(c, n, t) for c, n, t in zip(names, stats['per_class'], thresholds))})")
     return out, stats
+
+
+def _per_class(name: str, n: int, threshold: float) -> str:
+    """'crazing 12 at score >= 0.41', or why a class got none (labelled in the data, or never detected here)."""
+    if not math.isfinite(threshold):
+        return f"{name} 0 (labelled in the data, or no detection of it)"
+    return f"{name} {n} at score >= {threshold:.2f}"

@@ -1,7 +1,8 @@
-"""Add defect classes to a trained model from a dataset that labels only the new classes.
+"""Add defect classes to a trained model from a dataset that labels the new classes (and maybe old ones).
 
-The student's classes are the teacher's followed by the new dataset's; it trains on the new dataset's
-images that hold a new-class box (those boxes only) with a distillation method (default `sdidd+`, see
+The student's classes are the teacher's followed by the new dataset's new ones; it trains on the new dataset's
+images that hold a new-class box (and those without any box: background), from the new boxes and the boxes of
+old classes the new data labels, with a distillation method (default `sdidd+`, see
 docs/METHOD_NOTES.md; `sdidd` is the paper's), and
 is evaluated on what the user holds: a test set labelled with every class, or the old test set (old
 classes) plus the new dataset's test split (new classes). The result is a checkpoint like any other
@@ -49,18 +50,26 @@ def _mean(values: list[float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def plan_classes(teacher_state: dict[str, Any], new_data: RunData, teacher_path: str | Path) -> tuple[list[str], list[str]]:
-    """(old classes, new classes); one SdiddError line if a new class is already known or none has a box."""
+def plan_classes(teacher_state: dict[str, Any], new_data: RunData,
+                 teacher_path: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """(old classes, new classes, old classes the new data labels); one SdiddError line if nothing new has a box.
+
+    The new dataset may name old classes too (a full ultralytics `names` list, or a line that labels every defect
+    it sees): those with boxes are trained from their labels; those without are just names.
+    """
     old = list(teacher_state["classes"])
-    new = list(new_data.classes)
-    known = [c for c in new if c in old]
-    if known:
-        raise SdiddError(f"{teacher_path}: the teacher already knows {known[0]!r}; the new dataset must label only new classes "
-                         f"(teacher: {', '.join(old)}; new dataset: {', '.join(new)})")
-    counts = channel_view(new_data.train, old + new, keep=new).class_counts()
-    if not any(counts[c] for c in new):
+    new = [c for c in new_data.classes if c not in old]
+    if not new:
+        raise SdiddError(f"{teacher_path}: the new dataset names no class the teacher does not know "
+                         f"(teacher: {', '.join(old)}; new dataset: {', '.join(new_data.classes)})")
+    counts = new_data.train.class_counts()
+    if not any(counts.get(c) for c in new):
         raise SdiddError(f"the new dataset ({new_data.train.name}) holds no box of {', '.join(new)}")
-    return old, new
+    labelled = [c for c in old if counts.get(c)]
+    if labelled:
+        log.info(f"the new dataset labels old classes too ({', '.join(f'{c} {counts[c]}' for c in labelled)} boxes): "
+                 "trained from those labels, with no pseudo-labels for them")
+    return old, new, labelled
 
 
 def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, method: str = "sdidd+",
@@ -72,9 +81,9 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
         raise SdiddError(f"{teacher_path}: the teacher is a {det['backbone']} model, the recipe asks for {cfg.model.backbone}; "
                          "drop model.backbone (add-classes keeps the teacher's architecture)")
     data = load_run_data(cfg.data)
-    old, new = plan_classes(state, data, teacher_path)
+    old, new, labelled = plan_classes(state, data, teacher_path)
     teacher = model_from_checkpoint(state)
-    spec = StepSpec(old + new, new, method, int(state.get("step", 0)) + 1)
+    spec = StepSpec(old + new, new, method, int(state.get("step", 0)) + 1, labelled_old=labelled)
     cfg = copy.deepcopy(cfg)
     cfg.incremental.method = method
     result = train_step(cfg, spec, out_dir, data, teacher=teacher)
@@ -98,7 +107,8 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
             log.warning("warning: no old test set given (--old-test or --test): how much of the old classes was kept is not measured")
         if len(data.test):  # with data.val_fraction the step was evaluated on the images it held out, and says so
             where = data.test.name if cfg.data.val_fraction else f"{_source(cfg.data)} (new dataset's test split)"
-            sources.update({c: (where, result.metrics) for c in new})
+            # Old classes the new data labels are measured there too, unless an old test set was given.
+            sources.update({c: (where, result.metrics) for c in new + [c for c in labelled if c not in sources]})
         else:
             log.warning("warning: the new dataset has no test split and no --test was given: the new classes are not evaluated")
     rows = []
@@ -118,7 +128,7 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
 
 def _source(d: DataConfig) -> str:
     """The file a test split comes from (COCO json, VOC list or folder, YOLO image folder), for the report."""
-    return str(d.test_ann or d.test_path or d.test_split)
+    return str(d.test_ann or d.test_path or d.val_ann or d.val_path or d.test_split)
 
 
 def format_add_classes(r: AddClassesResult) -> str:

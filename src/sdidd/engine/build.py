@@ -37,6 +37,9 @@ class StepSpec:
     method: str = "joint"  # base/joint (plain GFL), finetune, erd, sdidd
     step: int = 0
     added: Optional[list[str]] = None  # the classes this step adds (default: new_classes; a joint step also relearns the old)
+    # Old classes whose boxes the step's images keep (a line that labels every defect it sees): trained from those
+    # labels as well as distilled, and given no pseudo-labels. Empty: the paper's protocol (new labels only).
+    labelled_old: list[str] = field(default_factory=list)
 
     @property
     def added_classes(self) -> list[str]:
@@ -84,6 +87,7 @@ class Step:
     new_teacher: Optional[GFL] = None  # distill.new_teacher: distils the new classes (engine/new_teacher.py)
     new_channels: Optional[torch.Tensor] = None  # [N] the new teacher's channels of spec.new_classes
     teacher_cache: Optional[TeacherCache] = None  # the teachers' outputs per (image, flip), set by trainer.speed_setup
+    val_set: Optional[DetectionDataset] = None  # a described dataset's val split: per-epoch evaluation, best.pth
     new_teacher_cache: Optional[TeacherCache] = None
 
 
@@ -125,7 +129,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     if spec.step > 0 and cfg.incremental.new_images:  # the small-data protocol: few images of the added classes
         source = cut_new_images(source, spec.added_classes, cfg.incremental.new_images, t.seed + spec.step)
     # Labels become model channels here, once: training keeps only the boxes of the trained classes.
-    train_set = channel_view(source, spec.classes, keep=spec.new_classes)
+    train_set = channel_view(source, spec.classes, keep=spec.new_classes + spec.labelled_old)
     test_set = channel_view(data.test, spec.classes, keep_empty=True)
     if len(train_set) == 0:
         raise SdiddError(f"no training image holds a box of {spec.new_classes}")
@@ -133,13 +137,15 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     distill = resolved_distill(cfg, method) if teacher is not None else None
     trained = torch.zeros(len(spec.classes), dtype=torch.bool, device=device)
     trained[spec.num_old:] = True
+    labelled = [spec.classes.index(c) for c in spec.labelled_old]
+    trained[labelled] = True
     stats: dict[str, float] = {}
     if teacher is not None:
         teacher = freeze_teacher(teacher.to(device))
         model = extend_student(teacher, len(spec.classes), cfg.incremental.new_class_init).to(device)
         if distill is not None and distill.pseudo_labels:  # old channels then train on the teacher's confident detections
             train_set, pl = pseudo_labelled(train_set, teacher, cfg.data, device, distill.pseudo_sigmas,
-                                            distill.pseudo_overlap_iou, t.workers)
+                                            distill.pseudo_overlap_iou, t.workers, labelled=labelled)
             trained[:] = True
             stats = {"pseudo_boxes": float(pl["pseudo_boxes"]), "pseudo_images": float(pl["pseudo_images"])}
     else:
@@ -156,6 +162,8 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
                 distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": float(schedule.epochs),
                        "iterations": float(schedule.epochs * iters_per_epoch), "images": float(len(train_set)), **stats})
+    if data.val is not None:  # the same view when the val split is also what the final numbers are measured on
+        step.val_set = test_set if data.val is data.test else channel_view(data.val, spec.classes, keep_empty=True)
     if t.resume and (step.out_dir / "last.pth").is_file():
         _resume(step, teacher is not None, distilled=distill is not None and method != "finetune")
     # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).

@@ -157,7 +157,9 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool, distilled: bool
     flat = {f"{sec}.{k}": v for sec, sub in cfg.items() if isinstance(sub, dict) for k, v in sub.items()}
     flat.setdefault("data.val_fraction", 0.0)  # a checkpoint from before the key trained on every training image
     # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
-    flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k == "incremental.new_images"}
+    flat.setdefault("incremental.old_labels", False)  # a checkpoint from before the key trained on new labels only
+    flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k in ("incremental.new_images",
+                                                                                          "incremental.old_labels")}
     if not (with_teacher and distilled):  # a step without a teacher, or a fine-tune, ignores the distillation
         flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}
     try:

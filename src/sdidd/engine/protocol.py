@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import Config, protocol_groups
+from ..data.description import FORMATS, described_splits
 from ..errors import SdiddError
 from ..model.detector import GFL
 from .build import StepSpec
 from .checkpoint import check_fits, load_checkpoint, model_from_checkpoint
 from .run_data import RunData, load_run_data
+from . import distributed as dist
 from .trainer import StepResult, log_result, train_step
 
 log = logging.getLogger(__name__)
@@ -25,26 +27,47 @@ def run_train(cfg: Config, data: Optional[RunData] = None) -> StepResult:
             raise SdiddError(f"config key 'data.classes': {c!r} is not a class of {cfg.data.dataset} ({', '.join(data.classes)})")
     result = train_step(cfg, StepSpec(list(chosen), list(chosen), "joint", 0), cfg.train.out_dir, data)
     log_result(result.metrics, f"{cfg.name}: last epoch, {evaluated_on(cfg)}")
+    if dist.is_main():
+        log.info(write_run_plots(result.checkpoint.parent))
     return result
 
 
+def write_run_plots(out_dir: Path) -> str:
+    """losses.png from log.csv and results.png from results.csv (when the run evaluated during training); one log line."""
+    from ..plots import plot_results, plot_training_curves
+    written = [out_dir / "last.pth"] + [p for p in (out_dir / "best.pth",) if p.is_file()]
+    if (out_dir / "log.csv").is_file():
+        written.append(plot_training_curves(out_dir / "log.csv", out_dir / "losses.png"))
+    if (out_dir / "results.csv").is_file():
+        written += [out_dir / "results.csv", plot_results(out_dir / "results.csv", out_dir / "results.png")]
+    return "wrote " + ", ".join(str(p) for p in written)
+
+
 def evaluated_on(cfg: Config) -> str:
-    """What a run's numbers are measured on: the test split, or the validation split `data.val_fraction` holds out."""
-    return "validation split" if cfg.data.val_fraction else "test split"
+    """What a run's numbers are measured on: the test split, the validation split `data.val_fraction` holds out,
+    or a described dataset's val split when it has no test split."""
+    if cfg.data.val_fraction:
+        return "validation split"
+    if cfg.data.dataset in FORMATS and "test" not in described_splits(vars(cfg.data)) and "val" in described_splits(vars(cfg.data)):
+        return "val split (the dataset has no test split)"
+    return "test split"
 
 
-def step_specs(groups: list[list[str]], method: str) -> list[StepSpec]:
-    """Step 0 trains the first group; step k adds group k with `method` (joint: every label seen so far)."""
+def step_specs(groups: list[list[str]], method: str, old_labels: bool = False) -> list[StepSpec]:
+    """Step 0 trains the first group; step k adds group k with `method` (joint: every label seen so far).
+
+    `old_labels` (incremental.old_labels): step k's images keep the labels of the classes seen before it.
+    """
     specs: list[StepSpec] = []
     seen: list[str] = []
     for k, g in enumerate(groups):
-        seen = seen + list(g)
+        before, seen = list(seen), seen + list(g)
         if k == 0:
             specs.append(StepSpec(list(seen), list(g), "base", 0))
         elif method == "joint":  # upper bound: every label of every class seen so far
             specs.append(StepSpec(list(seen), list(seen), "joint", k, added=list(g)))
         else:
-            specs.append(StepSpec(list(seen), list(g), method, k))
+            specs.append(StepSpec(list(seen), list(g), method, k, labelled_old=before if old_labels else []))
     return specs
 
 
@@ -75,7 +98,7 @@ def run_incremental(cfg: Config, method: Optional[str] = None, out_dir: Optional
     out = Path(out_dir or cfg.train.out_dir)
     data = data or load_run_data(cfg.data)
     groups = protocol_groups(cfg, data.classes)
-    specs = step_specs(groups, method)
+    specs = step_specs(groups, method, cfg.incremental.old_labels)
     teacher, start = None, 0
     if cfg.incremental.teacher:
         state = load_checkpoint(cfg.incremental.teacher)

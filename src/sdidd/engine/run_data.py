@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import DataConfig
 from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, build_dataset, collate
 from ..data.check import check_images
-from ..data.description import FORMATS, load_described_split
+from ..data.description import FORMATS, described_splits, load_described_split
 from ..data.image_size import DEFAULT_SIZE, choose_image_size
-from ..errors import SdiddError
+from ..errors import SdiddError, shown
 from . import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,16 @@ _BAD_DATA_HINT = "; run `sdidd check-data` for the full list, or set data.on_bad
 
 @dataclass
 class RunData:
-    """Both splits of the configured dataset, with dataset labels (class order of `classes`)."""
+    """The splits of the configured dataset, with dataset labels (class order of `classes`).
+
+    `test` is what a run's final numbers are measured on: the test split, else a described dataset's val split;
+    `val` (a described dataset's val split, when it has one) is evaluated during training and chooses best.pth.
+    """
 
     classes: list[str]
     train: DetectionDataset
     test: DetectionDataset
+    val: Optional[DetectionDataset] = None
 
 
 def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
@@ -46,13 +52,24 @@ def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
     # In 'skip' mode the loaders collect annotation problems (bad boxes, malformed lines) and drop those items.
     problems = Problems(strict=cfg.on_bad_data == "error", hint=_BAD_DATA_HINT)
     if cfg.dataset in FORMATS:  # coco, voc, yolo: the splits a dataset description names
-        ds = load_described_split(vars(cfg), "train" if split == cfg.train_split else "test", problems)
+        ds = load_described_split(vars(cfg), described_name(cfg, split), problems)
     else:
         ds = build_dataset(cfg.dataset, split, root=cfg.root, problems=problems)
     if problems.counts:
         log.warning(f"warning: {split}: skipped annotation problems (data.on_bad_data=skip): "
                     + "; ".join(f"{k} x{n} (e.g. {problems.examples[k][0]})" for k, n in problems.counts.items()))
     return ds
+
+
+def described_name(cfg: DataConfig, split: str) -> str:
+    """'train', 'val' or 'test': which split of a described dataset `split` names; an unknown name is one line."""
+    if split in ("train", cfg.train_split):
+        return "train"
+    if split in ("val", "valid", "validation"):
+        return "val"
+    if split == "test" or (split == cfg.test_split and split not in ("train", "val")):
+        return "test"
+    raise SdiddError(f"split {shown(split)}: not a split of this dataset (it has {', '.join(described_splits(vars(cfg)))})")
 
 
 def decode_once(dataset: DetectionDataset, cfg: DataConfig) -> DetectionDataset:
@@ -84,9 +101,16 @@ def load_run_data(cfg: DataConfig) -> RunData:
     if cfg.val_fraction > 0:  # choose hyper-parameters here: the test split is not even read
         train, val = hold_out(train, cfg.val_fraction)
         return RunData(list(train.classes), train, val)
-    no_test = cfg.test_ann is None if cfg.dataset == "coco" else cfg.test_path is None
-    if cfg.dataset in FORMATS and no_test:  # a dataset without a test split (add-classes says so)
-        return RunData(list(train.classes), train, DetectionDataset(train.classes, [], name="no test split"))
+    if cfg.dataset in FORMATS:
+        have = described_splits(vars(cfg))
+        val = decode_once(load_split(cfg, "val"), cfg) if "val" in have else None
+        if val is not None:
+            val.name = "val split"
+        if "test" in have:
+            test = decode_once(load_split(cfg, "test"), cfg)
+        else:  # measured on the val split then, and the reports say so; without either, add-classes says so
+            test = val if val is not None else DetectionDataset(train.classes, [], name="no test split")
+        return RunData(list(train.classes), train, test, val)
     # The test images too: an unreadable one would otherwise stop the run at the final evaluation, after training.
     test = decode_once(load_split(cfg, cfg.test_split), cfg)
     return RunData(list(train.classes), train, test)

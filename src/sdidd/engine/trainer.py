@@ -15,11 +15,11 @@ from ..config import Config
 from ..errors import SdiddError
 from ..evaluate import EvalResult, evaluate_model, format_table, result_to_dict
 from ..model.detector import GFL, DenseOutput
-from ..run_files import FolderLock, claim_folder, write_json
+from ..run_files import FolderLock, append_result_row, claim_folder, write_json
 from . import distributed as dist
 from . import precision
 from .build import Step, StepSpec, build_step
-from .checkpoint import rng_state, save_epoch
+from .checkpoint import rng_state, save_checkpoint, save_epoch
 from .new_teacher import attach_new_teacher
 from .objective import step_loss
 from .run_data import RunData, load_run_data
@@ -133,6 +133,44 @@ def _stop_non_finite(step: Step, epoch: int, parts: dict[str, torch.Tensor], fin
                      f"the last good checkpoint is {last if last.exists() else 'not written yet'}; try a lower train.lr")
 
 
+def eval_interval(eval_every: Optional[int], has_val: bool, epochs: int) -> int:
+    """Epochs between evaluations during training: train.eval_every, or (unset) about ten per run with a val split."""
+    if eval_every is not None:
+        return eval_every
+    return max(1, round(epochs / 10)) if has_val else 0
+
+
+def validate(step: Step, epoch: int, result: Optional[EvalResult] = None) -> EvalResult:
+    """Evaluate after `epoch` on the val split (else the test split), log it to results.csv, keep best.pth on val."""
+    cfg = step.cfg
+    target = step.val_set if step.val_set is not None else step.test_set
+    if result is None:
+        result = evaluate_model(step.model, target, cfg.data, step.device, workers=cfg.train.workers)
+    name = "val split" if step.val_set is not None else "test split (no val split: not for choosing a model)"
+    log.info(f"epoch {epoch}: mAP50 {result.map50:.1f} on the {name}")
+    if dist.is_main():
+        append_result_row(step.out_dir / "results.csv", {"epoch": epoch, "iteration": step.iteration,
+                                                        "split": name.split(" (")[0], "map50": round(result.map50, 3),
+                                                        "map": round(result.map, 3)})
+    if step.val_set is not None and result.map50 > step.stats.get("best_val_map50", -1.0):
+        step.stats["best_val_map50"], step.stats["best_epoch"] = result.map50, float(epoch)
+        if dist.is_main():
+            save_checkpoint(step_state(step, epoch) | {"metrics_val": result_to_dict(result)}, step.out_dir / "best.pth")
+            log.info(f"best.pth: epoch {epoch} (val mAP50 {result.map50:.1f})")
+    return result
+
+
+def step_state(step: Step, epoch: int) -> dict:
+    """What a checkpoint of the step after `epoch` holds (weights, classes, config, optimiser, RNG, stats)."""
+    spec = step.spec
+    return {
+        "model": step.model.state_dict(), "detector": step.model.cfg.__dict__ | {"num_classes": len(spec.classes)},
+        "classes": list(spec.classes), "new_classes": list(spec.new_classes), "step": spec.step, "method": spec.method,
+        "config": step.cfg.to_dict(), "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
+        "epoch": epoch, "iteration": step.iteration, "rng": rng_state(), "stats": dict(step.stats),
+    }
+
+
 def save_step(step: Step, epoch: int, metrics: Optional[dict] = None) -> Path:
     """Checkpoint the step after `epoch` (rank 0 writes; the others wait), refusing non-finite weights."""
     last = step.out_dir / "last.pth"
@@ -141,13 +179,7 @@ def save_step(step: Step, epoch: int, metrics: Optional[dict] = None) -> Path:
     if bad is not None:
         raise SdiddError(f"non-finite weights after epoch {epoch} (e.g. {bad}); not saved, the last good checkpoint is "
                          f"{last if last.exists() else 'not written yet'}; try a lower train.lr or set train.grad_clip")
-    spec = step.spec
-    state = {
-        "model": step.model.state_dict(), "detector": step.model.cfg.__dict__ | {"num_classes": len(spec.classes)},
-        "classes": list(spec.classes), "new_classes": list(spec.new_classes), "step": spec.step, "method": spec.method,
-        "config": step.cfg.to_dict(), "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
-        "epoch": epoch, "iteration": step.iteration, "rng": rng_state(), "stats": dict(step.stats),
-    }
+    state = step_state(step, epoch)
     if metrics is not None:
         state["metrics"] = metrics
     if dist.is_main():
@@ -196,9 +228,9 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
         seen = train_one_epoch(step, epoch, step_log)
         step.stats["train_seconds"] += time.perf_counter() - start
         step.stats["train_images"] += seen * dist.world_size()
-        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and epoch + 1 < step.schedule.epochs:
-            res = evaluate_model(step.model, step.test_set, cfg.data, step.device, workers=cfg.train.workers)
-            log.info(f"epoch {epoch + 1}: mAP50 {res.map50:.1f}")
+        every = eval_interval(cfg.train.eval_every, step.val_set is not None, step.schedule.epochs)
+        if every and (epoch + 1) % every == 0 and epoch + 1 < step.schedule.epochs:
+            validate(step, epoch + 1)
         save_step(step, epoch + 1)
     step_log.close()
     for cache in (step.teacher_cache, step.new_teacher_cache):
@@ -209,6 +241,8 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
     stats["images_per_second"] = stats["train_images"] / max(stats["train_seconds"], 1e-9)
     stats["peak_memory_mb"] = (torch.cuda.max_memory_allocated(step.device) / 2**20) if step.device.type == "cuda" else _rss_mb()
     result = evaluate_model(step.model, step.test_set, cfg.data, step.device, groups=spec.groups, workers=cfg.train.workers)
+    if step.val_set is not None:  # the last epoch competes for best.pth too (on the val split, not the test split)
+        validate(step, step.schedule.epochs, result if step.val_set is step.test_set else None)
     last = save_step(step, step.schedule.epochs, result_to_dict(result))
     if dist.is_main():
         write_json(step.out_dir / "metrics.json", result_to_dict(result) | {"stats": stats}, indent=2)
