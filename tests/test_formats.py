@@ -245,6 +245,23 @@ def test_yolo_images_without_label_file_or_with_an_empty_one_are_background(expo
     assert rc == 0 and f"({empty + 2} background, without defects)" in out, out + err
 
 
+def test_voc_xmls_without_objects_are_background_images_in_training_and_testing(exported: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    from sdidd.config import load_config
+    from sdidd.engine.run_data import channel_view, load_run_data
+    root = tmp_path / "ds"
+    shutil.copytree(exported / "voc" / "base", root)
+    xml = _first_label(root, "voc")
+    text = xml.read_text()
+    xml.write_text(text[:text.index("<object>")] + text[text.rindex("</object>") + len("</object>"):])
+    rc, out, err = run(["check-data", str(root / "data.yaml"), "--split", "train"], capsys)
+    assert rc == 0 and "background, without defects" in out, out + err
+    cfg = load_config(None, [f"data={root / 'data.yaml'}", "data.train_sizes=[64]", "data.test_size=64", "data.max_size=64"])
+    data = load_run_data(cfg.data)
+    empty = [r for r in data.train.records if len(r.labels) == 0]
+    assert empty and len(channel_view(data.train, list(data.classes))) == len(data.train)  # kept for training
+
+
 def test_yolo_polygons_become_boxes_and_small_overshoots_are_clipped(tmp_path: Path) -> None:
     from sdidd.data.records import Problems
     from sdidd.data.yolo import parse_yolo_txt

@@ -109,3 +109,21 @@ def test_train_with_only_a_data_yaml_uses_the_recipe_for_ones_own_defects(tmp_pa
     assert cfg["name"] == "defects" and cfg["model"]["backbone"] == "tf_efficientnet_lite0"
     rc, _, err = run(["train", "nope.yaml"], capsys)
     assert rc == 2 and "packaged recipes: " in error_line(err) and "defects" in error_line(err)
+
+
+def test_splits_as_lists_of_folders_and_txt_image_lists(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "export"
+    make_roboflow_export(root)
+    listed = sorted((root / "valid" / "images").glob("*.JPG"))
+    (root / "valid.txt").write_text("\n".join(f"./valid/images/{p.name}" for p in listed) + "\n")
+    (root / "lists.yaml").write_text(yaml.safe_dump({"train": ["train/images", "valid/images"], "val": "valid.txt",
+                                                     "names": ["stain", "hole"]}))
+    section = load_description(root / "lists.yaml")
+    assert section["dataset"] == "yolo" and len(section["train_path"]) == 2
+    rc, out, err = run(["check-data", str(root / "lists.yaml"), "--split", "train"], capsys)
+    assert rc == 0 and "9 images" in out, out + err
+    rc, out, err = run(["check-data", str(root / "lists.yaml"), "--split", "val"], capsys)
+    assert rc == 0 and "3 images (1 background, without defects)" in out, out + err
+    (root / "coco.yaml").write_text(yaml.safe_dump({"format": "coco", "train": ["a.json", "b.json"]}))
+    rc, _, err = run(["check-data", str(root / "coco.yaml")], capsys)
+    assert rc == 2 and "a YOLO form" in error_line(err)

@@ -39,9 +39,10 @@ class DataConfig:
     val_ann: Optional[str] = None  # coco only: a validation split (per-epoch evaluation and best.pth; None: none)
     val_images_dir: Optional[str] = None  # coco only: image folder of the val split (default: images_dir)
     names: Optional[list[str]] = None  # the class names the annotations must hold, in order (from a description file)
-    train_path: Optional[str] = None  # voc / yolo: the train split (VOC list file or folder; YOLO image folder)
-    test_path: Optional[str] = None  # voc / yolo: the test split (None: no test split)
-    val_path: Optional[str] = None  # voc / yolo: a validation split (per-epoch evaluation and best.pth; None: none)
+    # voc / yolo: the train split (VOC list file or folder; YOLO image folder, .txt list of images, or a list of folders)
+    train_path: Optional[Union[str, list[str]]] = None
+    test_path: Optional[Union[str, list[str]]] = None  # voc / yolo: the test split (None: no test split)
+    val_path: Optional[Union[str, list[str]]] = None  # voc / yolo: a validation split (evaluated during training; None: none)
     on_bad_data: str = "error"  # error | skip: what training does when check-data finds problems
     check: bool = True  # decode and check every image before training
     cache_gb: float = 2.0  # keep a split's decoded pixels in memory when they fit in this many GiB (0: never)

@@ -74,14 +74,22 @@ def load_description(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise SdiddError(f"{p}: unknown key {shown(unknown[0])} (valid: {', '.join(sorted(_KEYS))})")
     for k in ("path", "train", "test", "val", "images", "train_images", "test_images", "val_images"):
-        if k in desc and not (isinstance(desc[k], str) and desc[k].strip()):
-            raise SdiddError(f"{p}: '{k}' must be a path (a string), got {shown(desc[k])}")
+        v = desc.get(k)
+        listed = k in ("train", "test", "val") and isinstance(v, list) and v  # ultralytics: several image folders
+        if k in desc and not (isinstance(v, str) and v.strip()) and not (listed and all(isinstance(x, str) and x.strip() for x in v)):
+            raise SdiddError(f"{p}: '{k}' must be a path (a string{', or a list of them' if k in ('train', 'test', 'val') else ''}), "
+                             f"got {shown(v)}")
     fmt = desc.get("format")
     if fmt is None:
         fmt, why = _detect_format(p, desc)
         log.info(f"{p}: no 'format' key, read as {fmt} ({why}); add format: coco, voc or yolo to choose")
     if fmt not in FORMATS:
         raise SdiddError(f"{p}: format {shown(fmt)} is not supported ({', '.join(FORMATS)})")
+    listed = [k for k in ("train", "test", "val") if isinstance(desc.get(k), list) or str(desc.get(k, "")).endswith(".txt")]
+    if fmt == "coco" and listed:
+        raise SdiddError(f"{p}: '{listed[0]}' lists images or folders, a YOLO form; a coco split is one .json file")
+    if fmt == "voc" and any(isinstance(desc.get(k), list) for k in listed):
+        raise SdiddError(f"{p}: '{listed[0]}' is a list of folders, a YOLO form; a voc split is one list file or folder")
     if fmt != "coco":
         extra = [k for k in _COCO_ONLY if k in desc]
         if extra:
@@ -91,8 +99,12 @@ def load_description(path: str | Path) -> dict[str, Any]:
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
     root = _root(p, desc)
 
-    def split(key: str) -> Optional[str]:
-        return str(_under(root, desc[key])) if key in desc else None
+    def split(key: str) -> Optional[str | list[str]]:
+        if key not in desc:
+            return None
+        if isinstance(desc[key], list):
+            return [str(_under(root, v)) for v in desc[key]]
+        return str(_under(root, desc[key]))
     if fmt != "coco":
         return {"dataset": fmt, "root": str(root), "train_path": split("train"), "test_path": split("test"),
                 "val_path": split("val"), "names": names}
@@ -127,8 +139,10 @@ def _detect_format(p: Path, desc: Mapping[str, Any]) -> tuple[str, str]:
     key = next((k for k in ("train", "val", "test") if k in desc), None)
     if key is None:
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
-    rel = desc[key]
+    rel = desc[key][0] if isinstance(desc[key], list) else desc[key]
     path = _under(_root(p, desc), rel)
+    if isinstance(desc[key], list):
+        return "yolo", f"'{key}' is a list of image folders, as ultralytics reads them"
     if rel.lower().endswith(".json"):
         return "coco", f"'{key}' is a .json file"
     if path.is_dir():
@@ -138,8 +152,10 @@ def _detect_format(p: Path, desc: Mapping[str, Any]) -> tuple[str, str]:
             return "yolo", f"'{key}' is an image folder with its labels/ folder beside it"
         if "nc" in desc or isinstance(desc.get("names"), dict):
             return "yolo", "'nc' or 'names' as a mapping, as ultralytics writes them"
-    elif path.suffix.lower() == ".txt" and "ImageSets" in path.parts:
-        return "voc", f"'{key}' is a VOC ImageSets list"
+    elif path.suffix.lower() == ".txt":
+        if "ImageSets" in path.parts:
+            return "voc", f"'{key}' is a VOC ImageSets list"
+        return "yolo", f"'{key}' is a .txt list of images, as ultralytics reads it"
     what = "is not found" if not path.exists() else "does not show which format it is"
     raise SdiddError(f"{p}: no 'format' key, and '{key}' ({path}) {what} (a .json is coco, an image folder with labels/ "
                      "beside it yolo, a folder with Annotations/ voc); add format: coco, voc or yolo")

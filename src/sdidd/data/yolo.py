@@ -35,7 +35,7 @@ from sdidd.data.records import (
 from sdidd.data.voc import IMAGE_SUFFIXES
 from sdidd.errors import SdiddError
 
-__all__ = ["load_yolo", "labels_dir_of", "parse_yolo_txt", "CLIP_FRACTION"]
+__all__ = ["load_yolo", "labels_dir_of", "label_file_of", "parse_yolo_txt", "CLIP_FRACTION"]
 
 log = logging.getLogger(__name__)
 CLIP_FRACTION = 0.02  # of the image side: how far past the border a box may reach and still be clipped, not refused
@@ -113,10 +113,34 @@ def parse_yolo_txt(txt: Path, width: int, height: int, num_classes: int, problem
     return arr, np.asarray(labels, dtype=np.int64)
 
 
-def load_yolo(images_dir: str | Path, names: Sequence[str], problems: Optional[Problems] = None) -> DetectionDataset:
-    """Load one YOLO split: the images under `images_dir` (recursively) and their label files; classes = `names`."""
-    problems = problems if problems is not None else Problems(strict=True)
-    images_dir = Path(images_dir).absolute()
+def label_file_of(image: Path) -> Path:
+    """The label file of a listed image: its path with the last `images` part replaced by `labels`, suffix .txt."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _listed_images(list_file: Path, problems: Problems) -> list[tuple[Path, Path]]:
+    """(image, label file) of every line of an ultralytics .txt image list (relative lines: to the list's folder)."""
+    try:
+        lines = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdiddError(f"{list_file}: cannot read the image list ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        image = (list_file.parent / line).resolve()
+        if not image.is_file():
+            problems.add(MISSING_IMAGE, f"{list_file}:{n}: listed image {image} not found")
+            continue
+        out.append((image, label_file_of(image)))
+    return out
+
+
+def _folder_images(images_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, label file) of every image under `images_dir` (recursively), sorted by relative path."""
     if not images_dir.is_dir():
         raise SdiddError(f"{images_dir}: YOLO image folder not found")
     labels_dir = labels_dir_of(images_dir)
@@ -124,11 +148,27 @@ def load_yolo(images_dir: str | Path, names: Sequence[str], problems: Optional[P
                     key=lambda p: p.relative_to(images_dir).as_posix())
     if not images:
         raise SdiddError(f"{images_dir}: holds no images ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    return [(p, (labels_dir / p.relative_to(images_dir)).with_suffix(".txt")) for p in images]
+
+
+def load_yolo(images_dir: str | Path | Sequence[str | Path], names: Sequence[str],
+              problems: Optional[Problems] = None) -> DetectionDataset:
+    """Load one YOLO split and its label files; classes = `names`.
+
+    The split is an image folder (searched recursively), a .txt list of image paths, or a list of either.
+    """
+    problems = problems if problems is not None else Problems(strict=True)
+    sources = [Path(images_dir)] if isinstance(images_dir, (str, Path)) else [Path(x) for x in images_dir]
+    pairs: list[tuple[Path, Path]] = []
+    for src in (s.absolute() for s in sources):
+        listed = src.suffix.lower() == ".txt" and src.is_file()
+        pairs += _listed_images(src, problems) if listed else _folder_images(src)
+    if not pairs:
+        raise SdiddError(f"{sources[0]}: lists no image")
     records: list[Record] = []
     seen: set[Path] = set()
     clipped: list[str] = []
-    for k, image in enumerate(images):
-        txt = (labels_dir / image.relative_to(images_dir)).with_suffix(".txt")
+    for k, (image, txt) in enumerate(pairs):
         seen.add(txt)
         size = _image_size(image, problems)
         if size is None:
@@ -140,10 +180,13 @@ def load_yolo(images_dir: str | Path, names: Sequence[str], problems: Optional[P
         if parsed is not None:
             records.append(Record(k + 1, str(image), size[0], size[1], parsed[0], parsed[1]))
     if clipped:
-        log.warning(f"warning: {images_dir}: {len(clipped)} box(es) reach past the image border and were clipped "
+        log.warning(f"warning: {sources[0]}: {len(clipped)} box(es) reach past the image border and were clipped "
                     f"(e.g. {clipped[0]})")
-    if labels_dir != images_dir and labels_dir.is_dir():
-        for txt in sorted(labels_dir.rglob("*.txt")):
-            if txt not in seen and txt.name != "classes.txt":
-                problems.add(MISSING_IMAGE, f"{txt}: no image for this label file under {images_dir}")
-    return DetectionDataset(list(names), records, name=f"yolo/{images_dir.name}")
+    for src in sources:  # label files without an image (a folder split only: a list names its images itself)
+        src = src.absolute()
+        labels_dir = labels_dir_of(src)
+        if src.is_dir() and labels_dir != src and labels_dir.is_dir():
+            for txt in sorted(labels_dir.rglob("*.txt")):
+                if txt not in seen and txt.name != "classes.txt":
+                    problems.add(MISSING_IMAGE, f"{txt}: no image for this label file under {src}")
+    return DetectionDataset(list(names), records, name=f"yolo/{sources[0].name}")
