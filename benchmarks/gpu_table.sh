@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # NEU-DET 3+3 on one H100/H200: teacher, joint, fine-tune, ERD, SD-IDD and the strongest method (sdidd+ where present) in
 # <= 9 minutes, after a ~60 s CUDA smoke stage that stops the run with the error if any job fails.
-# NOT RUN ON A GPU YET (issue 15: "ready, not run").
 #
-# Before the GPU session, on the developer machine (internet for the wheel; NEU-DET in ../shared/data):
+# First, on a machine with the data (NEU-DET in $SDIDD_DATA or ../shared/data) and internet for one wheel:
 #     python benchmarks/stage_gpu.py            # writes .stage/ (git-ignored, ~48 MiB) and prints the command
-# In the GPU session, the device tool, from the repository root:
-#     run(command="bash benchmarks/gpu_table.sh", carry=[".stage"], timeout_s=600)
-# Then commit $OUT's neu-det_3+3_gpu.md / .json / _per_class.png under docs/results/ (GPU, date, command and
-# wall time are in the report) and put the table in the README's headline.
+# Then, on the GPU machine (no internet needed), with the repository and its .stage/ copied there, from its root:
+#     bash benchmarks/gpu_table.sh
+# The report (neu-det_3+3_gpu.md / .json / _per_class.png: GPU, date, command and wall time inside) lands in $OUT.
 #
 # Extra arguments go to benchmarks/gpu_table.py, e.g. `--smoke-only`, `--parallel 2`, `--set train.batch_size=64`.
 # On a machine without the stage (CI, a laptop): `bash benchmarks/gpu_table.sh --dry-run` (tiny, CPU).
-# Outputs ($OUT, else outputs/gpu_table; at most 8 files, as the device tool returns): neu-det_3+3_gpu.md,
+# Outputs ($OUT, else outputs/gpu_table; at most 8 files, easy to copy back): neu-det_3+3_gpu.md,
 # .json, _per_class.png, _sdidd_losses.png, logs.tar.gz (every job's log, log.csv, metrics) and run.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

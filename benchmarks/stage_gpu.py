@@ -1,7 +1,7 @@
 """Pack what a bare GPU machine needs for benchmarks/gpu_table.sh into one git-ignored folder (default `.stage/`).
 
-The device machine receives only the checkout plus the `carry` paths, 64 MiB in all, and has no internet
-and no pycocotools. This puts there:
+A GPU machine without internet gets a copy of the checkout plus this folder (kept small: copying tools
+often limit what travels, 64 MiB here), and may lack pycocotools. This puts there:
 
 * `NEU-DET.tar.gz`: IMAGES/ and ANNOTATIONS/ as they are (the JPEG bytes unchanged, so the decoded pixels
   are the same; re-encoding them losslessly would only grow them),
@@ -11,7 +11,7 @@ and no pycocotools. This puts there:
   `--wheel`); without it the evaluation cannot run there (sdidd never computes AP by hand),
 * `MANIFEST.json`: each file's size and sha256, and what was packed from where.
 
-It checks that the checkout that travels plus the stage stay within 64 MiB and prints the command to run.
+It checks that the checkout plus the stage stay within 64 MiB and prints the command to run there.
 
     python benchmarks/stage_gpu.py                       # NEU-DET from $SDIDD_DATA or ../shared/data
     python benchmarks/stage_gpu.py --data /path/to/NEU-DET --stage .stage
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT_MIB = 64  # what travels to the device machine: checkout + carried paths
+LIMIT_MIB = 64  # what travels to the GPU machine: the checkout plus the stage
 PYCOCOTOOLS = "pycocotools==2.0.11"  # an abi3 wheel: any CPython >= 3.12 on x86-64 linux
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
-RUN_COMMAND = 'run(command="bash benchmarks/gpu_table.sh", carry=[".stage"], timeout_s=600)'
+RUN_COMMAND = "bash benchmarks/gpu_table.sh"  # on the GPU machine, from the repository root, with .stage/ beside it
 
 
 def sha256(path: Path) -> str:
@@ -94,7 +94,7 @@ def fetch_wheel(dest: Path, given: Optional[str]) -> tuple[Optional[Path], str]:
 
 
 def travelling_bytes(repo: Path) -> int:
-    """Bytes of what the device tool sends besides `carry`: tracked files plus untracked files git does not ignore."""
+    """Bytes of the checkout that travels with the stage: tracked files plus untracked files git does not ignore."""
     try:
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
                              capture_output=True, check=True).stdout
@@ -104,7 +104,7 @@ def travelling_bytes(repo: Path) -> int:
 
 
 def ignored_by_git(repo: Path, path: Path) -> bool:
-    """True when git ignores `path` (so it travels only when `carry` names it, and is never committed)."""
+    """True when git ignores `path` (so it is never committed; copy it to the GPU machine yourself)."""
     try:
         r = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=repo, capture_output=True)
     except OSError:
@@ -155,14 +155,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: over the {LIMIT_MIB} MiB the device machine receives", file=sys.stderr)
         ok = False
     if stage_dir.is_relative_to(REPO) and not ignored_by_git(REPO, stage_dir):
-        print(f"warning: {stage_dir} is not git-ignored: it would travel without carry and could be committed", file=sys.stderr)
+        print(f"warning: {stage_dir} is not git-ignored: it could be committed", file=sys.stderr)
     for what in m["missing"]:
         print(f"missing: {what}", file=sys.stderr)
         ok = False
     rel = stage_dir.relative_to(REPO) if stage_dir.is_relative_to(REPO) else stage_dir
-    print("\nOn the GPU session, from the repository root (the device tool):")
+    print(f"\nOn the GPU machine (no internet needed): copy the repository with {rel}/, then from its root:")
     env = "" if str(rel) == ".stage" else f"STAGE={rel} "
-    print(f'  run(command="{env}bash benchmarks/gpu_table.sh", carry=["{rel}"], timeout_s=600)')
+    print(f"  {env}bash benchmarks/gpu_table.sh")
     return 0 if ok else 1
 
 
