@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 
-from sdidd.config import LossConfig, config_from_dict, qfl_weight, resolved_distill
+from sdidd.config import LossConfig, config_from_dict
+from sdidd.methods import qfl_weight, resolved_distill
 from sdidd.engine import precision
 from sdidd.engine.objective import step_loss
 from sdidd.engine.incremental import extend_student, freeze_teacher

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdidd.config import config_from_dict, load_config, resolved_distill
+from sdidd.config import config_from_dict, load_config
+from sdidd.methods import resolved_distill
 from sdidd.data.records import read_image
 from sdidd.engine.build import StepSpec, build_step
 from sdidd.engine.run_data import load_run_data

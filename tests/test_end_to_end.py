@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sdidd.cli import main
-from sdidd.config import config_from_dict, resolved_distill
+from sdidd.config import config_from_dict
+from sdidd.methods import resolved_distill
 from sdidd.data import build_dataset, collate, EvalTransform
 from sdidd.data.write_coco import write_coco_split, write_description
 from sdidd.engine.incremental import extend_student, freeze_teacher

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sdidd.distill.pseudo_labels as pl
-from sdidd.config import config_from_dict, resolved_distill
+from sdidd.config import config_from_dict
+from sdidd.methods import resolved_distill
 from sdidd.data import DetectionDataset, Record
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.run_data import load_run_data

@@ -23,39 +23,22 @@ from .engine.run_data import RunData, channel_view, load_run_data
 from .engine.schedule import step_schedule
 from .engine.trainer import StepResult, train_step
 from .errors import SdiddError
+from .methods import METHODS, VARIANT_GROUPS, variant_config
 from .run_files import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# Each ablation removes one strategy (or our HCCD score floor) from the full sdidd method.
-ABLATIONS = {
-    "sdidd-no-cls": {"hccd": False},
-    "sdidd-no-reg": {"dscrd": False},
-    "sdidd-no-feat": {"idfd": False},
-    "sdidd-no-erdbox": {"erd_box": False},
-    "sdidd-no-floor": {"hccd_min_score": 0.0},  # the paper's mu+2sigma HCCD selection without our score floor
-}
-# Each sdidd+ ablation removes one of its additions (sdidd itself removes both); sdidd+dual adds a second,
-# new-class teacher (the finetune run of the same step, distill/new_teacher.py).
-PLUS_ABLATIONS = {
-    "sdidd+-no-pseudo": {"pseudo_labels": False},
-    "sdidd+-l2": {"hccd_form": "l2"},
-    # The score form's gradient σ'(z_t)·Δz is at most 1/4·Δz, L2's is 2·Δz: at 8× weight the two pull alike where
-    # the teacher's score is 0.5, while the score form still lets go of classes the teacher scores near 0.
-    "sdidd+-hccd-x8": {"hccd_weight": 8.0},
-    "sdidd+dual": {"new_teacher": "finetune"},
-}
-METHOD_ORDER = ["joint", "finetune", "erd", "sdidd", "sdidd+", *ABLATIONS, *PLUS_ABLATIONS]
+METHOD_ORDER = list(METHODS)  # the report's row order: the table's
 
 
 def parse_methods(text: str) -> list[str]:
-    """'joint,finetune,erd,sdidd,ablations' -> method names (ablations expands)."""
+    """'joint,finetune,erd,sdidd,ablations' -> method names (a group name expands to its variants)."""
     out: list[str] = []
     for m in (x.strip() for x in text.split(",") if x.strip()):
-        names = list(ABLATIONS) if m == "ablations" else list(PLUS_ABLATIONS) if m == "plus-ablations" else [m]
+        names = VARIANT_GROUPS.get(m, [m])
         for n in names:
-            if n not in METHOD_ORDER:
-                raise SdiddError(f"unknown method {n!r} (valid: {', '.join(METHOD_ORDER)}, ablations, plus-ablations)")
+            if n not in METHODS:
+                raise SdiddError(f"unknown method {n!r} (valid: {', '.join(METHODS)}, {', '.join(VARIANT_GROUPS)})")
             if n not in out:
                 out.append(n)
     return out
@@ -70,13 +53,8 @@ def machine_description() -> str:
 
 
 def method_config(cfg: Config, method: str) -> tuple[Config, str]:
-    """The config of one method (an ablation switches one SD-IDD part off) and its base method."""
-    c = copy.deepcopy(cfg)
-    base = "sdidd" if method in ABLATIONS else "sdidd+" if method in PLUS_ABLATIONS else method
-    for k, v in {**ABLATIONS, **PLUS_ABLATIONS}.get(method, {}).items():
-        setattr(c.distill, k, v)
-    c.incremental.method = base
-    return c, base
+    """The config of one method (a variant sets its distill switches) and the engine method it runs as."""
+    return variant_config(cfg, method)
 
 
 def method_entry(result: StepResult, num_old: int, classes: list[str]) -> dict[str, Any]:

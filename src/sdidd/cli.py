@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import SdiddError, is_out_of_memory, shown
+from .methods import ADD_CLASSES_METHODS, METHODS, VARIANT_GROUPS
 
 if typing.TYPE_CHECKING:
     from .config import Config, DataConfig
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("add-classes", help="add the classes of a new dataset (new-class labels only) to a trained model")
     s.add_argument("teacher", help="checkpoint of the deployed model (last.pth)")
     s.add_argument("data", help="dataset description (.yaml) of the new-class images")
-    s.add_argument("--method", default="sdidd+", choices=["sdidd+", "sdidd", "erd", "finetune"],
+    s.add_argument("--method", default="sdidd+", choices=ADD_CLASSES_METHODS,
                    help="sdidd+ (default): SD-IDD with score-space HCCD and old-class pseudo-labels; sdidd: as in the paper")
     s.add_argument("--test", help="dataset description whose test split is labelled with every class")
     s.add_argument("--old-test", help="dataset description whose test split is labelled with the old classes")
@@ -359,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", default="3+3")
     s.add_argument("--profile", default="quick", choices=["quick", "paper", "tiny"])
     s.add_argument("--methods", default="joint,finetune,erd,sdidd",
-                   help="comma-separated: joint, finetune, erd, sdidd, sdidd+, sdidd+dual, ablations (sdidd's), plus-ablations (sdidd+'s variants)")
+                   help=f"comma-separated, from: {', '.join(METHODS)}; or a group: {', '.join(VARIANT_GROUPS)}")
     s.add_argument("--config", help="config file (default: configs/<dataset>_<profile>.yaml)")
     s.add_argument("--out", help="run folder (default: runs/benchmark/<dataset>_<protocol>_<profile>)")
     s.add_argument("--results-dir", default="docs/results")

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import SdiddError, shown
+from .methods import ENGINE_METHODS
 from .yaml_file import load_yaml, parse_yaml
 
 
@@ -152,17 +153,6 @@ class DistillConfig:
     release_batch: int = 2
 
 
-METHODS = ("finetune", "erd", "sdidd", "sdidd+", "joint")
-_METHOD_DEFAULTS = {
-    "finetune": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
-    "joint": dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
-    "erd": dict(hccd=True, erd_box=True, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2"),
-    "sdidd": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1, pseudo_labels=False, hccd_form="l2"),
-    # SD-IDD with HCCD on scores (bounded gradient) plus old-class pseudo-labels on the new images (distill/pseudo_labels.py)
-    "sdidd+": dict(hccd=True, erd_box=True, dscrd=True, idfd=True, hccd_min_score=0.1, pseudo_labels=True, hccd_form="bce"),
-}
-
-
 @dataclass
 class IncrementalConfig:
     """Class-incremental protocol: ordered class groups and the method of the incremental steps."""
@@ -198,24 +188,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON/checkpoint friendly)."""
         return asdict(self)
-
-
-def resolved_distill(cfg: Config, method: str) -> DistillConfig:
-    """Distill switches with the method's defaults filled in where the config left None."""
-    if method not in _METHOD_DEFAULTS:
-        raise SdiddError(f"unknown method {shown(method)} (known: {', '.join(METHODS)})")
-    d = dataclasses.replace(cfg.distill)
-    for k, v in _METHOD_DEFAULTS[method].items():
-        if getattr(d, k) is None:
-            setattr(d, k, v)
-    return d
-
-
-def qfl_weight(cfg: Config, method: str) -> float:
-    """QFL weight: the config's, or the method's as-released default."""
-    if cfg.loss.qfl is not None:
-        return cfg.loss.qfl
-    return 2.0 if method in ("sdidd", "sdidd+") else 1.0
 
 
 # ---------------------------------------------------------------- loading and validation
@@ -440,7 +412,7 @@ def validate(cfg: Config) -> None:
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.eval_every is None or t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only after the last epoch)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "must be auto, cpu or cuda[:N]")
-    need(inc.method in METHODS, "incremental.method", f"must be one of {', '.join(METHODS)}")
+    need(inc.method in ENGINE_METHODS, "incremental.method", f"must be one of {', '.join(ENGINE_METHODS)}")
     need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")
     need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import METHODS, Config, DistillConfig, qfl_weight, resolved_distill
+from ..config import Config, DistillConfig
+from ..methods import ENGINE_METHODS, qfl_weight, resolved_distill, uses_teacher
 from ..data import DetectionDataset
 from ..device import select_device
 from ..distill.pseudo_labels import pseudo_labelled
@@ -108,10 +109,6 @@ def detector_config(cfg: Config, num_classes: int) -> DetectorConfig:
                           head_channels=m.head_channels, head_convs=m.head_convs, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
 
 
-def _uses_teacher(d: DistillConfig) -> bool:
-    return bool(d.hccd or d.erd_box or d.dscrd or d.idfd or d.kd_mismatch)
-
-
 def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teacher: Optional[GFL]) -> Step:
     """Data views in the step's channel order, student (fresh or extended from `teacher`), optimiser, and resume."""
     t = cfg.train
@@ -121,8 +118,8 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     seed_everything(t.seed + 1000 * spec.step, t.deterministic)
     if teacher is None and spec.num_old > 0:
         raise SdiddError(f"step {spec.step} ({spec.method}) has old classes {spec.classes[:spec.num_old]} but no teacher")
-    if spec.method not in (*METHODS, "base"):  # an unknown name must not silently train as joint
-        raise SdiddError(f"step {spec.step}: unknown method {shown(spec.method)} (known: base, {', '.join(METHODS)})")
+    if spec.method not in (*ENGINE_METHODS, "base"):  # an unknown name must not silently train as joint
+        raise SdiddError(f"step {spec.step}: unknown method {shown(spec.method)} (known: base, {', '.join(ENGINE_METHODS)})")
     method = "joint" if spec.method == "base" else spec.method
 
     source = data.train
@@ -158,7 +155,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: schedule.factor(it, iters_per_epoch))
 
-    step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and _uses_teacher(distill) else None,
+    step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and uses_teacher(distill) else None,
                 distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": float(schedule.epochs),
                        "iterations": float(schedule.epochs * iters_per_epoch), "images": float(len(train_set)), **stats})

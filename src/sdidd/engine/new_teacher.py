@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..config import DistillConfig, resolved_distill
+from ..config import DistillConfig
+from ..methods import resolved_distill
 from ..errors import SdiddError
 from ..model.detector import GFL
 from .build import Step

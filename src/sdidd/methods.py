@@ -1,0 +1,123 @@
+"""Every training method of sdidd in one table: what it distils, its defaults, and what it needs.
+
+A method is an entry of :data:`METHODS`. An engine method (``variant_of`` None) gives the defaults of the
+`distill` switches the config leaves unset (None) and its QFL weight; a benchmark variant (an ablation, or
+``sdidd+dual``) runs as the engine method it names with some switches set. The CLI's choices, config
+validation, the step builder (is a teacher needed?), the new-class teacher and the benchmark all read this
+table; an unknown name is one error line wherever it is given. Adding a method or an ablation is one entry
+here; adding a distillation term is its loss file plus its switch in `DistillConfig` and in the entries below
+(see docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from .errors import SdiddError, shown
+
+if TYPE_CHECKING:
+    from .config import Config, DistillConfig
+
+__all__ = ["Method", "METHODS", "ENGINE_METHODS", "ADD_CLASSES_METHODS", "method", "resolved_distill", "qfl_weight",
+           "uses_teacher", "variant_config", "VARIANT_GROUPS"]
+
+# The distillation terms a method may switch on; a term reads the old teacher when it is on.
+TERMS = ("hccd", "erd_box", "dscrd", "idfd", "kd_mismatch")
+_NONE = dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: its `distill` switches (defaults, or a variant's settings), QFL weight, and where it is offered."""
+
+    summary: str
+    distill: Mapping[str, Any] = field(default_factory=dict)
+    qfl_weight: float = 1.0  # as released: SD-IDD doubles QFL
+    variant_of: Optional[str] = None  # a benchmark variant: the engine method it runs as, with `distill` set
+    add_classes: bool = False  # offered by `sdidd add-classes --method`
+    group: Optional[str] = None  # benchmark shorthand that selects it with its group ('ablations', 'plus-ablations')
+
+
+METHODS: dict[str, Method] = {
+    "joint": Method("every label of every class seen so far (the upper bound)", _NONE),
+    "finetune": Method("new labels only, no distillation (the lower bound)", _NONE, add_classes=True),
+    "erd": Method("ERD: HCCD (L2 on logits, mu+2sigma) and elastic box distillation", {
+        **_NONE, "hccd": True, "erd_box": True}, add_classes=True),
+    "sdidd": Method("SD-IDD (the paper): ERD's terms, HCCD score floor, DSCRD and IDFD", {
+        **_NONE, "hccd": True, "erd_box": True, "dscrd": True, "idfd": True, "hccd_min_score": 0.1},
+        qfl_weight=2.0, add_classes=True),
+    "sdidd+": Method("SD-IDD with HCCD on scores (bounded gradient) and old-class pseudo-labels on the new images", {
+        **_NONE, "hccd": True, "erd_box": True, "dscrd": True, "idfd": True, "hccd_min_score": 0.1,
+        "pseudo_labels": True, "hccd_form": "bce"}, qfl_weight=2.0, add_classes=True),
+    # Each ablation removes one strategy (or our HCCD score floor) from the full sdidd method.
+    "sdidd-no-cls": Method("SD-IDD without HCCD", {"hccd": False}, variant_of="sdidd", group="ablations"),
+    "sdidd-no-reg": Method("SD-IDD without DSCRD", {"dscrd": False}, variant_of="sdidd", group="ablations"),
+    "sdidd-no-feat": Method("SD-IDD without IDFD", {"idfd": False}, variant_of="sdidd", group="ablations"),
+    "sdidd-no-erdbox": Method("SD-IDD without ERD's box term", {"erd_box": False}, variant_of="sdidd", group="ablations"),
+    "sdidd-no-floor": Method("SD-IDD with the paper's mu+2sigma HCCD selection alone", {"hccd_min_score": 0.0},
+                             variant_of="sdidd", group="ablations"),
+    # Each sdidd+ variant removes one of its additions (sdidd itself removes both) or adds one.
+    "sdidd+-no-pseudo": Method("sdidd+ without pseudo-labels", {"pseudo_labels": False}, variant_of="sdidd+",
+                               group="plus-ablations"),
+    "sdidd+-l2": Method("sdidd+ with the L2 HCCD", {"hccd_form": "l2"}, variant_of="sdidd+", group="plus-ablations"),
+    # The score form's gradient σ'(z_t)·Δz is at most 1/4·Δz, L2's is 2·Δz: at 8× weight the two pull alike where
+    # the teacher's score is 0.5, while the score form still lets go of classes the teacher scores near 0.
+    "sdidd+-hccd-x8": Method("sdidd+ with the score-form HCCD at 8x", {"hccd_weight": 8.0}, variant_of="sdidd+",
+                             group="plus-ablations"),
+    "sdidd+dual": Method("sdidd+ with a second, new-class teacher (the step's fine-tune)", {"new_teacher": "finetune"},
+                         variant_of="sdidd+", group="plus-ablations"),
+}
+ENGINE_METHODS = tuple(n for n, m in METHODS.items() if m.variant_of is None)  # what incremental.method accepts
+ADD_CLASSES_METHODS = tuple(n for n, m in METHODS.items() if m.add_classes)
+VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations")}
+
+
+def method(name: str) -> Method:
+    """The table entry of `name`; one SdiddError line naming the known ones."""
+    if name not in METHODS:
+        raise SdiddError(f"unknown method {shown(name)} (known: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def engine_method(name: str) -> str:
+    """The engine method `name` runs as (itself, or the one a variant names)."""
+    return method(name).variant_of or name
+
+
+def resolved_distill(cfg: "Config", name: str) -> "DistillConfig":
+    """The config's distill switches with engine method `name`'s defaults where the config left None."""
+    entry = method(name)
+    if entry.variant_of is not None:
+        raise SdiddError(f"method {shown(name)} is a benchmark variant of {entry.variant_of}: run it through "
+                         f"variant_config (or incremental.method={entry.variant_of} with its distill.* settings)")
+    d = dataclasses.replace(cfg.distill)
+    for k, v in entry.distill.items():
+        if getattr(d, k) is None:
+            setattr(d, k, v)
+    return d
+
+
+def qfl_weight(cfg: "Config", name: str) -> float:
+    """QFL weight: the config's (loss.qfl), or the engine method's as-released default."""
+    if cfg.loss.qfl is not None:
+        return cfg.loss.qfl
+    return method(engine_method(name)).qfl_weight
+
+
+def uses_teacher(d: "DistillConfig") -> bool:
+    """Whether any distillation term that is on reads the old teacher's outputs (else its forward is skipped)."""
+    return any(bool(getattr(d, t)) for t in TERMS)
+
+
+def variant_config(cfg: "Config", name: str) -> tuple["Config", str]:
+    """(the config of method `name`, the engine method it runs as): a variant's distill switches set on a copy."""
+    import copy
+    entry = method(name)
+    c = copy.deepcopy(cfg)
+    if entry.variant_of is not None:
+        for k, v in entry.distill.items():
+            setattr(c.distill, k, v)
+    base = entry.variant_of or name
+    c.incremental.method = base
+    return c, base
