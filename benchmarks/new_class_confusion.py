@@ -19,7 +19,7 @@ import torch
 from sdidd.config import load_config
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.run_data import channel_view, load_run_data
-from sdidd.evaluate import evaluate_model
+from sdidd.engine.evaluation import evaluate_model
 
 
 def main() -> None:

@@ -181,7 +181,8 @@ PROBE = textwrap.dedent('''
     from sdidd.engine import distributed as dist
     from torch.utils.data import DistributedSampler
     from sdidd.engine.run_data import channel_view, load_run_data, test_loader, train_loader
-    from sdidd.evaluate import evaluate_detections, evaluate_model
+    from sdidd.evaluate import evaluate_detections
+    from sdidd.engine.evaluation import evaluate_model
 
     cfg_dict, out = json.loads(sys.argv[1]), sys.argv[2]
     assert dist.init_from_env("cpu") and dist.world_size() == 2

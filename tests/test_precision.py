@@ -12,7 +12,7 @@ from sdidd.config import LossConfig, config_from_dict
 from sdidd.data.records import Record
 from sdidd.engine.objective import step_loss
 from sdidd.engine.teacher_cache import TeacherCache, cache_blocker
-from sdidd.evaluate import evaluate_model
+from sdidd.engine.evaluation import evaluate_model
 from sdidd.model.detector import DetectorConfig, build_detector
 from sdidd.engine.incremental import freeze_teacher
 

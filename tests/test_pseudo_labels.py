@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import sdidd.distill.pseudo_labels as pl
+import sdidd.engine.pseudo_labels as pl
 from sdidd.config import config_from_dict
 from sdidd.methods import resolved_distill
 from sdidd.data import DetectionDataset, Record

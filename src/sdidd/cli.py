@@ -90,7 +90,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.run_data import channel_view, decode_once, load_split
     from .engine.trainer import log_result
-    from .evaluate import coco_results, evaluate_model, save_coco_results, save_result_json
+    from .engine.evaluation import evaluate_model
+    from .evaluate import coco_results, save_coco_results, save_result_json
     state = load_checkpoint(a.checkpoint)
     cfg = _checkpoint_config(state, a.overrides, "eval")
     if a.data:

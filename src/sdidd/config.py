@@ -136,7 +136,7 @@ class DistillConfig:
     idfd_ratio: float = 0.5
     idfd_zero_levels_without_positives: bool = False  # True: as released
     idfd_normalize: bool = True  # MSE relative to the teacher's feature energy; False: plain MSE (as released)
-    # sdidd+ (distill/pseudo_labels.py): the teacher's confident old-class detections on the new images become targets
+    # sdidd+ (engine/pseudo_labels.py): the teacher's confident old-class detections on the new images become targets
     pseudo_labels: Optional[bool] = None
     pseudo_sigmas: float = 2.0  # per-class threshold: mean + this many std of the teacher's detection scores of the class
     pseudo_overlap_iou: float = 0.5  # a detection overlapping a new-class GT box this much is dropped

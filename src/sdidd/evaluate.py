@@ -2,7 +2,7 @@
 
 All AP numbers come from ``COCOeval`` (101-point interpolation, maxDets 100, area 'all'); nothing here
 re-implements AP. Values are percentages (0-100); a class without ground truth has AP NaN and is left
-out of every mean.
+out of every mean. Running a model over a dataset to get its detections is `engine/evaluation.py`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from .run_files import write_json
 
-__all__ = ["EvalResult", "detect", "evaluate_detections", "evaluate_model", "format_table", "result_to_dict", "save_result_json",
+__all__ = ["EvalResult", "evaluate_detections", "format_table", "result_to_dict", "save_result_json",
            "coco_results", "save_coco_results"]
 
 
@@ -139,43 +139,6 @@ def evaluate_detections(records: Sequence[Any], classes: list[str], detections: 
         group_maps[g] = _nanmean(per_class[classes[i]]["ap50"] for i in ids if i in evaluated)
     group_maps.setdefault("all", map50)
     return EvalResult(per_class=per_class, groups=group_maps, map50=map50, map=map_, num_gt=num_gt)
-
-
-def detect(model: Any, dataset: Any, data_cfg: Any, device: Any, batch_size: int = 8,
-           workers: Optional[int] = None) -> dict[int, dict[str, np.ndarray]]:
-    """`model`'s detections on every image of `dataset` in fp32: image_id -> boxes (xyxy, original pixels), scores, labels.
-
-    Under torchrun each rank detects its share of the images and every rank gets them all.
-    """
-    import torch
-
-    from .engine import distributed as dist
-    from .engine.run_data import test_loader
-    was_training = model.training
-    model.eval()
-    detections: dict[int, dict[str, np.ndarray]] = {}
-    # fp32 on purpose, even inside a caller's autocast region: bf16 scores reorder near-ties and move AP by tenths.
-    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
-        for batch in test_loader(dataset, data_cfg, batch_size, workers):
-            results = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"], batch["scales"])
-            for image_id, r in zip(batch["image_ids"], results):
-                detections[int(image_id)] = {k: v.cpu().numpy() for k, v in r.items()}
-    model.train(was_training)
-    return dist.gather_dict(detections)
-
-
-def evaluate_model(model: Any, dataset: Any, data_cfg: Any, device: Any, groups: Optional[Mapping[str, list[int]]] = None,
-                   batch_size: int = 8, workers: Optional[int] = None,
-                   detections_out: Optional[dict[int, dict[str, np.ndarray]]] = None) -> EvalResult:
-    """Detect on every image of `dataset` (labels = model channels) in fp32 and score with pycocotools.
-
-    Under torchrun each rank detects its share of the images and the detections are gathered first.
-    `detections_out`, if given, receives them (image_id -> boxes xyxy original pixels, scores, labels).
-    """
-    detections = detect(model, dataset, data_cfg, device, batch_size, workers)
-    if detections_out is not None:
-        detections_out.update(detections)
-    return evaluate_detections(dataset.records, dataset.classes, detections, groups=groups)
 
 
 def coco_results(records: Sequence[Any], classes: Sequence[str], detections: Mapping[int, Mapping[str, Any]],

@@ -20,10 +20,11 @@ from typing import Any, Optional
 from ..config import Config, DataConfig
 from ..device import select_device
 from ..errors import SdiddError
-from ..evaluate import EvalResult, evaluate_model
+from ..evaluate import EvalResult
 from ..run_files import write_json
 from .build import StepSpec
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .evaluation import evaluate_model
 from .run_data import RunData, channel_view, decode_once, load_run_data, load_split
 from .trainer import StepResult, train_step
 

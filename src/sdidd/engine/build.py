@@ -16,12 +16,12 @@ from ..config import Config, DistillConfig
 from ..methods import ENGINE_METHODS, qfl_weight, resolved_distill, uses_teacher
 from ..data import DetectionDataset
 from ..device import select_device
-from ..distill.pseudo_labels import pseudo_labelled
 from ..errors import SdiddError, shown
 from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
 from .incremental import extend_student, freeze_teacher
+from .pseudo_labels import pseudo_labelled
 from .run_data import RunData, channel_view, cut_new_images, train_loader
 from .schedule import Schedule, log_schedule, step_schedule
 from .teacher_cache import TeacherCache

@@ -10,24 +10,30 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import DistillConfig
-from ..methods import resolved_distill
+from ..config import Config, DistillConfig
 from ..errors import SdiddError
+from ..methods import resolved_distill
 from ..model.detector import GFL
-from .build import Step
+from .build import Step, StepSpec
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .incremental import freeze_teacher
-from .run_data import RunData
 
 log = logging.getLogger(__name__)
 
 
-def attach_new_teacher(step: Step, data: RunData, teacher: Optional[GFL], finetune_dir: Path) -> None:
-    """Give `step` its new-class teacher and that teacher's channels of the step's new classes (no-op when off)."""
+# Trains a step: (config, spec, output folder) -> its result with `.model`, `.stats`; the trainer passes its own.
+StepTrainer = Callable[[Config, StepSpec, Path], Any]
+
+
+def attach_new_teacher(step: Step, teacher: Optional[GFL], finetune_dir: Path, train: StepTrainer) -> None:
+    """Give `step` its new-class teacher and that teacher's channels of the step's new classes (no-op when off).
+
+    `train` trains the fine-tune when `distill.new_teacher=finetune` (passed in, so this module needs no trainer).
+    """
     spec = step.spec
     if teacher is None or step.distill is None or spec.method in ("finetune", "joint"):
         return
@@ -35,12 +41,11 @@ def attach_new_teacher(step: Step, data: RunData, teacher: Optional[GFL], finetu
     if source is None:
         return
     if source == "finetune":
-        from .trainer import log_result, train_step  # the trainer imports this module
         cfg = copy.deepcopy(step.cfg)
         cfg.incremental.method = "finetune"
         cfg.distill = DistillConfig()  # a plain fine-tune: no distillation, no pseudo-labels
-        result = train_step(cfg, dataclasses.replace(spec, method="finetune"), finetune_dir, data, teacher=teacher)
-        log_result(result.metrics, f"new-class teacher of step {spec.step}: fine-tuned ({finetune_dir})")
+        result = train(cfg, dataclasses.replace(spec, method="finetune"), finetune_dir)
+        log.info(f"new-class teacher of step {spec.step}: fine-tuned ({finetune_dir}), mAP50 {result.metrics.map50:.1f}")
         model, classes = result.model, list(spec.classes)
         step.stats["new_teacher_seconds"] = float(result.stats.get("train_seconds", 0.0))
     else:

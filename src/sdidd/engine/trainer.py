@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..errors import SdiddError
-from ..evaluate import EvalResult, evaluate_model, format_table, result_to_dict
+from ..evaluate import EvalResult, format_table, result_to_dict
+from .evaluation import evaluate_model
 from ..model.detector import GFL, DenseOutput
 from ..run_files import FolderLock, append_result_row, claim_folder, write_json
 from . import distributed as dist
@@ -212,7 +213,8 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
     step = build_step(cfg, spec, data, Path(out_dir), teacher)
     if step.stored_metrics is not None:  # a finished step is not retrained
         return StepResult(step.model, step.out_dir / "last.pth", EvalResult(**step.stored_metrics), dict(step.stats))
-    attach_new_teacher(step, data, teacher, Path(new_teacher_dir or Path(out_dir) / "new_teacher"))
+    attach_new_teacher(step, teacher, Path(new_teacher_dir or Path(out_dir) / "new_teacher"),
+                       train=lambda c, s, d: train_step(c, s, d, data, teacher=teacher))
     if dist.is_main():
         step.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(step.out_dir / "config.json", cfg.to_dict(), indent=2)

@@ -25,6 +25,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..data import DetectionDataset
+from .evaluation import detect
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ Detections = dict[int, dict[str, np.ndarray]]  # image_id -> boxes [N, 4] xyxy o
 def teacher_detections(teacher: torch.nn.Module, dataset: DetectionDataset, data_cfg: Any, device: torch.device,
                        workers: Optional[int] = None) -> Detections:
     """The teacher's post-processed detections (score >= 0.05, NMS) on every image of `dataset`, in fp32."""
-    from ..evaluate import detect
     return detect(teacher, dataset, data_cfg, device, workers=workers)
 
 
