@@ -24,7 +24,8 @@ from PIL import Image
 from sdidd.cli import setup_logging
 from sdidd.config import DataConfig, config_from_dict, load_config
 from sdidd.data.check import check_dataset
-from sdidd.data.description import load_described_split, load_description
+from sdidd.data.description import load_description
+from sdidd.data.formats import load_described_split
 from sdidd.data.image_size import choose_image_size
 from sdidd.data.records import Problems, Record
 from sdidd.data.voc import load_voc
@@ -118,7 +119,7 @@ def test_voc_layouts_list_file_voc_folder_and_flat_pairs(tmp_path: Path) -> None
     desc.write_text(yaml.safe_dump({"format": "voc", "path": "VOC2007", "train": "ImageSets/Main/train.txt",
                                     "val": "ImageSets/Main/test.txt", "names": ["dent", "stain lake"]}))
     section = load_description(desc)
-    assert section["dataset"] == "voc" and section["test_path"].endswith("test.txt")
+    assert section["dataset"] == "voc" and section["val_path"].endswith("test.txt") and section["test_path"] is None
     cfg = config_from_dict({"data": section})
     assert cfg.data.dataset == "voc"
     rep = check_dataset(desc)
@@ -283,7 +284,9 @@ DESCRIPTION_ERRORS: dict[str, tuple[dict, str]] = {
     "nc differs": ({"format": "yolo", "train": "x", "names": ["a"], "nc": 2}, "'nc' is 2 but 'names' has 1 classes"),
     "names mapping with gaps": ({"format": "yolo", "train": "x", "names": {0: "a", 2: "b"}}, "needs the keys 0..1"),
     "coco key in voc": ({"format": "voc", "train": "x", "images": "y"}, "'images' is a coco key"),
-    "train a list": ({"format": "yolo", "train": ["a", "b"], "names": ["a"]}, "'train' must be a path (a string)"),
+    # A list of folders is YOLO's (ultralytics reads it; test_ultralytics.py); other formats name one file or folder.
+    "train a list": ({"format": "coco", "train": ["a.json", "b.json"]}, "'train' lists images or folders, a YOLO form"),
+    "train a list of numbers": ({"format": "yolo", "train": [1, 2], "names": ["a"]}, "'train' must be a path (a string"),
     "no splits": ({"format": "voc", "names": ["a"]}, "neither 'train' nor 'test' (or 'val') is given"),
     "yolo folder missing": ({"format": "yolo", "train": "nowhere", "names": ["a"]}, "nowhere: YOLO image folder not found"),
     "voc split missing": ({"format": "voc", "train": "nowhere"}, "nowhere: VOC split not found"),

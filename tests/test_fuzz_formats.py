@@ -95,7 +95,8 @@ def check(case_dir: Path, desc: Any, what: list[str], outcomes: Counter, failure
         failures.append(f"{case_dir.name} {what}: rc {rc}, stderr {err.getvalue()!r}")
 
 
-def _run(tmp_path: Path, make_case: Callable[[Path, random.Random], tuple[dict, list[str]]], seed: int) -> Counter:
+def _run(tmp_path: Path, make_case: Callable[[Path, random.Random], tuple[dict, list[str]]], seed: int,
+         min_rejected: int = CASES // 3) -> Counter:
     rng = random.Random(seed)
     outcomes: Counter = Counter()
     failures: list[str] = []
@@ -109,7 +110,7 @@ def _run(tmp_path: Path, make_case: Callable[[Path, random.Random], tuple[dict, 
         check(case_dir, desc, what, outcomes, failures)
     assert not failures, f"{len(failures)} of {CASES} mutations crashed, first:\n" + "\n".join(failures[:3])
     # The mutations reach every outcome: not all rejected early, not all ignored.
-    assert outcomes["problems reported"] + outcomes["one-line error"] > CASES // 3, outcomes
+    assert outcomes["problems reported"] + outcomes["one-line error"] > min_rejected, outcomes
     print(dict(outcomes))
     return outcomes
 
@@ -234,4 +235,6 @@ def test_fuzz_yolo_txt_and_yaml(tmp_path: Path) -> None:
             (labels / f"{Path(f).stem}.txt").write_text("".join(" ".join(row) + "\n" for row in rows[k]))
         return {"format": "yolo", "path": ".", "train": "images/train", "names": {0: NAMES[0], 1: NAMES[1]}}, what
 
-    _run(tmp_path, make_case, seed=11)
+    # As ultralytics reads YOLO labels, a box a little past the border is clipped and a missing label file is a
+    # background image, so fewer of these mutations are errors than in the other formats (measured: 53 of 300).
+    _run(tmp_path, make_case, seed=11, min_rejected=CASES // 8)

@@ -78,7 +78,7 @@ def _description_with(path: str, keys: object) -> tuple:
 
 def _default_eval_split(d: "DataConfig") -> str:
     """The split `eval` reads without --split: the test split, or a described dataset's val split when it has no test split."""
-    from .data.description import FORMATS, described_splits
+    from .data.formats import FORMATS, described_splits
     if d.dataset in FORMATS and "test" not in described_splits(vars(d)) and "val" in described_splits(vars(d)):
         return "val"
     return d.test_split
@@ -274,7 +274,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _described_inputs(path: str) -> dict:
     """Files, image ids, file names (relative to the dataset folder) and category ids of a description's test split
     (else its val split, else train)."""
-    from .data.description import described_splits, load_described_split, load_description
+    from .data.description import load_description
+    from .data.formats import described_splits, load_described_split
     from .data.records import Problems
     section = load_description(path)
     have = described_splits(section)

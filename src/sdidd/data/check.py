@@ -36,7 +36,8 @@ from sdidd.data.records import (
     Problems,
     check_box,
 )
-from sdidd.data.description import described_splits, load_described_split, load_description
+from sdidd.data.description import load_description
+from sdidd.data.formats import described_splits, load_described_split
 from sdidd.data.synthetic import load_synthetic
 from sdidd.data.voc import load_voc
 from sdidd.errors import SdiddError

@@ -21,16 +21,11 @@ from typing import Any, Mapping, Optional
 
 from ..errors import SdiddError, shown
 from ..yaml_file import load_yaml
-from .coco_json import load_coco_json
-from .records import UNKNOWN_CLASS, DetectionDataset, Problems
-from .voc import load_voc
-from .yolo import labels_dir_of, load_yolo
+from .formats import FORMATS, SPLITS
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("coco", "voc", "yolo")
-_KEYS = {"format", "path", "train", "test", "val", "images", "train_images", "test_images", "val_images", "names", "nc"}
-_COCO_ONLY = ("images", "train_images", "test_images", "val_images")
+_KEYS = {"format", "path", "train", "test", "val", "names", "nc", *(k for f in FORMATS.values() for k in f.keys)}
 _IGNORED = {"roboflow", "download"}  # ultralytics / Roboflow keys about where the data came from
 
 
@@ -38,8 +33,8 @@ def _names(p: Path, desc: dict[str, Any], fmt: str) -> Optional[list[str]]:
     """The class names of a description (a list, or YOLO's {index: name} mapping); None if not given."""
     names = desc.get("names")
     if names is None:
-        if fmt == "yolo":
-            raise SdiddError(f"{p}: a YOLO description needs 'names' (the class of label index 0, 1, ...)")
+        if FORMATS[fmt].needs_names:
+            raise SdiddError(f"{p}: a {fmt.upper()} description needs 'names' (the class of label index 0, 1, ...)")
         return None
     if isinstance(names, dict):
         keys = list(names)
@@ -83,19 +78,18 @@ def load_description(path: str | Path) -> dict[str, Any]:
     if fmt is None:
         fmt, why = _detect_format(p, desc)
         log.info(f"{p}: no 'format' key, read as {fmt} ({why}); add format: coco, voc or yolo to choose")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise SdiddError(f"{p}: format {shown(fmt)} is not supported ({', '.join(FORMATS)})")
-    listed = [k for k in ("train", "test", "val") if isinstance(desc.get(k), list) or str(desc.get(k, "")).endswith(".txt")]
-    if fmt == "coco" and listed:
-        raise SdiddError(f"{p}: '{listed[0]}' lists images or folders, a YOLO form; a coco split is one .json file")
-    if fmt == "voc" and any(isinstance(desc.get(k), list) for k in listed):
-        raise SdiddError(f"{p}: '{listed[0]}' is a list of folders, a YOLO form; a voc split is one list file or folder")
-    if fmt != "coco":
-        extra = [k for k in _COCO_ONLY if k in desc]
-        if extra:
-            raise SdiddError(f"{p}: '{extra[0]}' is a coco key; a {fmt} description names its image folders in train/test")
+    entry = FORMATS[fmt]
+    listed = [k for k in SPLITS if isinstance(desc.get(k), list) or str(desc.get(k, "")).endswith(".txt")]
+    if listed and not entry.lists and (fmt != "voc" or any(isinstance(desc.get(k), list) for k in listed)):
+        raise SdiddError(f"{p}: '{listed[0]}' lists images or folders, a YOLO form; a {fmt} split is one file or folder")
+    foreign = [(k, f) for f, other in FORMATS.items() if f != fmt for k in other.keys if k in desc]
+    if foreign:
+        raise SdiddError(f"{p}: '{foreign[0][0]}' is a {foreign[0][1]} key; a {fmt} description names its image folders "
+                         "in train/val/test")
     names = _names(p, desc, fmt)
-    if not any(k in desc for k in ("train", "test", "val")):
+    if not any(k in desc for k in SPLITS):
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
     root = _root(p, desc)
 
@@ -105,17 +99,14 @@ def load_description(path: str | Path) -> dict[str, Any]:
         if isinstance(desc[key], list):
             return [str(_under(root, v)) for v in desc[key]]
         return str(_under(root, desc[key]))
-    if fmt != "coco":
-        return {"dataset": fmt, "root": str(root), "train_path": split("train"), "test_path": split("test"),
-                "val_path": split("val"), "names": names}
-    images = desc.get("images", ".")
-    return {
-        "dataset": "coco", "root": str(root), "train_ann": split("train"), "test_ann": split("test"), "val_ann": split("val"),
-        "images_dir": str(root / desc.get("train_images", images)),
-        "test_images_dir": str(root / desc.get("test_images", images)),
-        "val_images_dir": str(root / desc.get("val_images", desc.get("test_images", images))),
-        "names": names,
-    }
+    section: dict[str, Any] = {"dataset": fmt, "root": str(root), "names": names,
+                               **{entry.split_key.format(k): split(k) for k in SPLITS}}
+    if fmt == "coco":  # the image folders of its splits (a json names files relative to them)
+        images = desc.get("images", ".")
+        section.update({"images_dir": str(root / desc.get("train_images", images)),
+                        "test_images_dir": str(root / desc.get("test_images", images)),
+                        "val_images_dir": str(root / desc.get("val_images", desc.get("test_images", images)))})
+    return section
 
 
 def _root(p: Path, desc: Mapping[str, Any]) -> Path:
@@ -136,67 +127,16 @@ def _under(root: Path, rel: str) -> Path:
 
 def _detect_format(p: Path, desc: Mapping[str, Any]) -> tuple[str, str]:
     """(format, why) of a description without a `format` key, from what its first split is on disk."""
-    key = next((k for k in ("train", "val", "test") if k in desc), None)
+    key = next((k for k in SPLITS if k in desc), None)
     if key is None:
         raise SdiddError(f"{p}: neither 'train' nor 'test' (or 'val') is given")
-    rel = desc[key][0] if isinstance(desc[key], list) else desc[key]
-    path = _under(_root(p, desc), rel)
     if isinstance(desc[key], list):
         return "yolo", f"'{key}' is a list of image folders, as ultralytics reads them"
-    if rel.lower().endswith(".json"):
-        return "coco", f"'{key}' is a .json file"
-    if path.is_dir():
-        if (path / "Annotations").is_dir() or next(path.glob("*.xml"), None) is not None:
-            return "voc", f"'{key}' is a VOC folder"
-        if labels_dir_of(path) != path and labels_dir_of(path).is_dir():
-            return "yolo", f"'{key}' is an image folder with its labels/ folder beside it"
-        if "nc" in desc or isinstance(desc.get("names"), dict):
-            return "yolo", "'nc' or 'names' as a mapping, as ultralytics writes them"
-    elif path.suffix.lower() == ".txt":
-        if "ImageSets" in path.parts:
-            return "voc", f"'{key}' is a VOC ImageSets list"
-        return "yolo", f"'{key}' is a .txt list of images, as ultralytics reads it"
+    path = _under(_root(p, desc), desc[key])
+    for name, fmt in FORMATS.items():
+        why = fmt.recognise(path, desc)
+        if why:
+            return name, f"'{key}' is {why}"
     what = "is not found" if not path.exists() else "does not show which format it is"
     raise SdiddError(f"{p}: no 'format' key, and '{key}' ({path}) {what} (a .json is coco, an image folder with labels/ "
                      "beside it yolo, a folder with Annotations/ voc); add format: coco, voc or yolo")
-
-
-def described_splits(section: Mapping[str, Any]) -> list[str]:
-    """The splits ('train', 'val', 'test') a described dataset (a `data` section of coco / voc / yolo) has."""
-    key = "_ann" if section["dataset"] == "coco" else "_path"
-    return [s for s in ("train", "val", "test") if section.get(s + key)]
-
-
-def load_described_split(section: Mapping[str, Any], which: str, problems: Problems, check: bool = False) -> DetectionDataset:
-    """The `which` ('train', 'val' or 'test') split of a described dataset (a `data` section of coco / voc / yolo).
-
-    COCO categories that differ from the description's `names` are an error (with `check`: a counted problem).
-    """
-    fmt = section["dataset"]
-    if which not in ("train", "val", "test"):
-        raise SdiddError(f"split {shown(which)}: a described dataset has train, val and test splits")
-    if fmt == "coco":
-        ann = section.get(f"{which}_ann")
-        images = section["images_dir"] if which == "train" else (section.get(f"{which}_images_dir") or section["images_dir"])
-        if not images:
-            raise SdiddError("config key 'data.images_dir' is needed for a coco dataset")
-        if ann is None:
-            raise SdiddError(f"config key 'data.{which}_ann': the coco dataset has no {which} split")
-        ds = load_coco_json(images, ann, problems=problems)
-        names = section.get("names")
-        if names is not None and ds.classes and list(ds.classes) != list(names):  # (no classes: the file failed, said so)
-            msg = f"{ann}: categories {list(ds.classes)} differ from the description's names {list(names)}"
-            if not check:
-                raise SdiddError(msg)
-            problems.add(UNKNOWN_CLASS, msg)
-        return ds
-    split_path = section.get(f"{which}_path")
-    if split_path is None:
-        raise SdiddError(f"config key 'data.{which}_path': the {fmt} dataset has no {which} split")
-    if fmt == "voc":
-        return load_voc(split_path, section.get("root"), section.get("names"), problems=problems)
-    if fmt == "yolo":
-        if not section.get("names"):
-            raise SdiddError("config key 'data.names': a yolo dataset needs its class names")
-        return load_yolo(split_path, section["names"], problems=problems)
-    raise SdiddError(f"dataset {shown(fmt)} is not a described format ({', '.join(FORMATS)})")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import Config, protocol_groups
-from ..data.description import FORMATS, described_splits
+from ..data.formats import FORMATS, described_splits
 from ..errors import SdiddError
 from ..model.detector import GFL
 from .build import StepSpec

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import DataConfig
 from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, build_dataset, collate
 from ..data.check import check_images
-from ..data.description import FORMATS, described_splits, load_described_split
+from ..data.formats import FORMATS, described_splits, load_described_split
 from ..data.image_size import DEFAULT_SIZE, choose_image_size
 from ..errors import SdiddError, shown
 from . import distributed as dist
