@@ -90,7 +90,7 @@ def report(a: argparse.Namespace, walls: dict[str, float], command: str) -> str:
                 ms = res[(v, s)]["methods"]
                 per_img = {m: ms[m]["train_seconds"] / max(ms[m]["images"] * ms[m]["epochs"], 1) for m in stages[1:]}
                 ratios += [per_img[m] / per_img["finetune"] for m in stages[1:] if m != "finetune"]
-            lines.append(f"Distillation over fine-tune (train s per image), {v}: {_mean_std(ratios)} "
+            lines.append(f"Distillation over fine-tune (train s per image), {v}: {statistics.mean(ratios):.2f} "
                          f"({', '.join(f'{r:.2f}' for r in ratios)}).")
     lines += ["", "## Metrics (mAP50 old / new / all, last epoch, test split; mean ± std over the seeds)", "",
               "| method | version | old | new | all |", "|---|---|---|---|---|"]

@@ -177,7 +177,7 @@ def test_unknown_key_in_file_and_override(tmp_path: Path, capsys: pytest.Capture
     ("train.epochs=two", ("config key 'train.epochs'", "expected an integer", "'two'")),
     ("train.lr=fast", ("config key 'train.lr'", "expected a number")),
     ("train.resume=maybe", ("config key 'train.resume'", "expected true or false")),
-    ("data.train_sizes=64", ("config key 'data.train_sizes'", "expected a list")),
+    ("data.train_sizes={a: 1}", ("config key 'data.train_sizes'", "expected a list")),  # a single size is one: 64 = [64]
 ])
 def test_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture, override: str, parts: tuple[str, ...]) -> None:
     expect_error(["train", str(synthetic_cfg(tmp_path)), override], capsys, *parts)
