@@ -71,14 +71,17 @@ def report(a: argparse.Namespace, walls: dict[str, float], command: str) -> str:
              f"- Date: {dt.date.today().isoformat()}",
              f"- Settings: {json.dumps(first.get('settings', {}))}",
              "- Wall: the whole `sdidd benchmark` process (data loading and checking, every stage's training and "
-             "evaluation, reports); train s: the training loops alone, from each stage's stats.", "",
-             "| seed | version | wall s | " + " | ".join(f"{m} train s" for m in stages) + " |",
-             "|---|---|---|" + "---|" * len(stages)]
+             "evaluation, reports); train s: the training loops alone, from each stage's stats.",
+             "- Budget: both versions run the same recipe, so every stage has the same epochs and iterations in both "
+             "(columns `epochs / iterations`, from each stage's stats).", "",
+             "| seed | version | wall s | " + " | ".join(f"{m} train s | {m} epochs / iterations" for m in stages) + " |",
+             "|---|---|---|" + "---|---|" * len(stages)]
     for s in seeds:
         for v in VERSIONS:
             ms = res[(v, s)]["methods"]
             lines.append(f"| {s} | {v} | {walls[f'{v}_s{s}']:.0f} | "
-                         + " | ".join(f"{ms[m].get('train_seconds', float('nan')):.0f}" for m in stages) + " |")
+                         + " | ".join(f"{ms[m].get('train_seconds', float('nan')):.0f} | "
+                                      f"{ms[m].get('epochs', 0):.0f} / {ms[m].get('iterations', 0):.0f}" for m in stages) + " |")
     total = {v: sum(walls[f"{v}_s{s}"] for s in seeds) for v in VERSIONS}
     lines += ["", f"Whole-run speed-up (before wall / after wall, all seeds): **{total['before'] / total['after']:.2f}×** "
               f"({total['before']:.0f} s → {total['after']:.0f} s); per seed: "

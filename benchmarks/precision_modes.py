@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
              "recipes' detector (tf_efficientnet_lite0, random init, FPN 128 ch, head 2 convs, 6 classes) on one random "
              f"batch; mean of {a.iters} steps, median of {a.rounds} interleaved rounds after 2 warm-up steps. One process, "
              "seed 0; ratios between rows move by about ±0.05 between runs.",
+             f"- Budget: every mode of a size and batch times the same number of steps ({a.iters} per round, "
+             f"{a.rounds} rounds, after the same warm-up) on the same batch; no training to convergence, so no epochs.",
              f"- Machine limit: a 2048³ matmul on the same threads reaches {peak['fp32']:.0f} GFLOP/s in fp32 and "
              f"{peak['bf16']:.0f} GFLOP/s in bf16.", ""]
     for size, batch in itertools.product(a.sizes, a.batches):

@@ -62,7 +62,6 @@ class TeacherCache:
         if missing:
             fresh = self.model(images[missing])
             self._store(fresh, range(len(missing)), [keys[i] for i in missing])
-            self._grid = fresh.grid
         # Every cached key is present now, except past the budget: those images are run again below.
         extra = [i for i, k in enumerate(keys) if k not in self.entries]
         recomputed = dict(zip(extra, _split(self.model(images[extra])))) if extra else {}

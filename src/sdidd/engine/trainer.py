@@ -14,13 +14,13 @@ from tqdm import tqdm
 from ..config import Config
 from ..errors import SdiddError
 from ..evaluate import EvalResult, format_table, result_to_dict
-from .evaluation import evaluate_model
 from ..model.detector import GFL, DenseOutput
 from ..run_files import FolderLock, append_result_row, claim_folder, write_json
 from . import distributed as dist
 from . import precision
 from .build import Step, StepSpec, build_step
 from .checkpoint import rng_state, save_checkpoint, save_epoch
+from .evaluation import evaluate_model
 from .new_teacher import attach_new_teacher
 from .objective import step_loss
 from .run_data import RunData, load_run_data
