@@ -17,7 +17,6 @@ Not run on a GPU yet: the recipe's sizes are estimates (src/sdidd/configs/neu_de
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
@@ -34,13 +33,12 @@ from typing import Any, Optional
 import torch
 
 from sdidd.benchmark import (METHOD_ORDER, format_report_table, machine_description, markdown_report, method_config, method_entry,
-                             parse_methods)
+                             parse_methods, report_header)
 from sdidd.config import Config, TrainConfig, config_from_dict, load_config, parse_overrides, merge_dicts, protocol_groups
 from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.protocol import run_steps, step_specs
 from sdidd.engine.run_data import RunData, decode_once, load_split
-from sdidd.engine.schedule import step_schedule
 from sdidd.engine.trainer import train_step
 from sdidd.errors import SdiddError
 
@@ -228,20 +226,9 @@ def build_report(cfg: Config, stage_result: dict[str, Any], methods: list[str], 
     """The `sdidd benchmark` report dict (same keys) plus the GPU run's timings under 'gpu_run'."""
     classes = load_split(cfg.data, cfg.data.train_split).classes
     groups = protocol_groups(cfg, list(classes))
-    flat = [c for g in groups for c in g]
-    num_old = len(flat) - len(groups[-1])
-    base, inc = step_schedule(cfg, False), step_schedule(cfg, True)
-    report: dict[str, Any] = {
-        "dataset": cfg.data.dataset, "protocol": "+".join(str(len(g)) for g in groups), "profile": profile,
-        "machine": machine_description(), "date": _dt.date.today().isoformat(), "command": command,
-        "classes_old": flat[:num_old], "classes_new": flat[num_old:],
-        "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
-                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base.epochs,
-                     "incremental_epochs": inc.epochs, "batch_size": cfg.train.batch_size, "lr": base.lr,
-                     "incremental_lr": inc.lr, "amp_bf16": cfg.train.amp, "channels_last": cfg.train.channels_last,
-                     "compile": cfg.train.compile, "device_transforms": cfg.data.device_transforms},
-        "methods": {},
-    }
+    report = report_header(cfg, groups, "+".join(str(len(g)) for g in groups), profile, command)
+    report["settings"].update({"amp_bf16": cfg.train.amp, "channels_last": cfg.train.channels_last,
+                               "compile": cfg.train.compile, "device_transforms": cfg.data.device_transforms})
     res = stage_result["results"]
     for name in ["teacher"] + methods:
         if name in res:

@@ -166,3 +166,19 @@ def test_a_new_dataset_may_name_and_label_old_classes(exported: Path, base_model
     rows = {r["class"]: r for r in table["rows"]}
     assert "new dataset's test split" in rows["scratch"]["test_set"] and rows["scratch"]["ap50"] == rows["scratch"]["ap50"]
 
+
+
+def test_add_classes_replays_a_few_kept_old_images(exported: Path, base_model: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """--replay OLD.yaml --replay-images N: N old images per old class train with the new ones (ids kept apart)."""
+    rc, out, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay",
+                        str(exported / "base" / "data.yaml"), "--replay-images", "3", "--out", str(tmp_path / "r"),
+                        "--method", "sdidd", "train.threads=1"], capsys)
+    assert rc == 0, err
+    line = next(x for x in (out + err).splitlines() if x.startswith("replay:"))
+    assert "(3 per old class" in line
+    state = load_checkpoint(tmp_path / "r" / "last.pth")
+    assert state["config"]["incremental"]["replay_images"] == 3
+    rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay-images", "3",
+                      "--out", str(tmp_path / "r2")], capsys)
+    assert rc == 2 and one_line(err) and "--replay-images needs --replay" in err

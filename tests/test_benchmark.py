@@ -26,11 +26,14 @@ def test_parse_methods_expands_ablations_and_refuses_unknown():
     assert "sdidd-no-floor" in parse_methods("ablations")
     with pytest.raises(SdiddError, match="unknown method 'foo'"):
         parse_methods("sdidd,foo")
-    assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-l2", "sdidd+-hccd-x8", "sdidd+dual"]
+    assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-all-negatives", "sdidd+-l2", "sdidd+-hccd-x8", "sdidd+dual"]
     cfg, base = method_config(config_from_dict(TINY), "sdidd+-hccd-x8")
     assert base == "sdidd+" and cfg.distill.hccd_weight == 8.0 and cfg.incremental.method == "sdidd+"
     cfg, base = method_config(config_from_dict(TINY), "sdidd+dual")
     assert base == "sdidd+" and cfg.distill.new_teacher == "finetune" and cfg.incremental.method == "sdidd+"
+    assert parse_methods("old-labels") == ["sdidd-old-labels", "finetune-old-labels"]
+    cfg, base = method_config(config_from_dict(TINY), "finetune-old-labels")  # a variant may set its data, too
+    assert base == "finetune" and cfg.incremental.old_labels and not config_from_dict(TINY).incremental.old_labels
 
 
 def test_report_states_the_new_class_teachers_own_training_time():

@@ -279,6 +279,26 @@ def test_dscrd_zero_weights_and_descent():
     assert 0 < after < before
 
 
+def test_dscrd_old_class_boxes_weighted_by_old_channels():
+    """LD at an old-class box (pseudo-label or labelled old defect) reads the old channels, so it is not switched off."""
+    grid, anchors, t_reg, s_cls, s_reg = _dscrd_setup()
+    gts = _gts()
+    boxes, labels = pad_targets(gts, [torch.tensor([0, 3]), torch.tensor([3, 1])])  # one old-class box per image
+    asg = assign_targets(grid, boxes, labels)
+    quiet_new = s_cls.clone()
+    quiet_new[..., 3:] = -30.0  # the new channels score ~0 at every anchor
+    out = dscrd_loss(quiet_new, s_reg, t_reg, asg, NEW)
+    assert float(out["ld"]) > 0  # was exactly 0 when the weight read the new channels only
+    label = torch.gather(asg.gt_labels, 1, asg.assigned.clamp(min=0))
+    ref = 0.0
+    for b in range(2):
+        for a in torch.nonzero(asg.pos_mask[b]).flatten().tolist():
+            ch = slice(0, 3) if int(label[b, a]) < 3 else NEW
+            kl = float(distribution_kl(s_reg[b, a], t_reg[b, a], 10.0).sum())
+            ref += float(torch.sigmoid(quiet_new[b, a, ch]).max()) * kl / 4
+    assert math.isclose(out["ld"].item(), 0.25 * ref, rel_tol=1e-5)
+
+
 def test_dscrd_empty_gts():
     grid, anchors, t_reg, s_cls, s_reg = _dscrd_setup()
     s_reg = s_reg.clone().requires_grad_(True)
@@ -612,3 +632,39 @@ def test_score_form_hccd_at_8x_weight_pulls_like_l2_where_the_teacher_is_unsure(
          for form, w in (("l2", 1.0), ("bce", 8.0))}
     assert torch.allclose(g["bce"][0], g["l2"][0], rtol=1e-2), g
     assert g["bce"][1].abs() < g["l2"][1].abs() / 5, g
+
+
+def test_pseudo_label_channels_skip_qfl_where_hccd_distils_them():
+    """sdidd+: an old defect that got no pseudo-label is not pushed to 0 by QFL where the teacher is confident."""
+    s, t, boxes, labels, sizes = _step_inputs()
+    t.cls[0, 7, 1] = 6.0  # the teacher is sure of an old defect at anchor 7 (far from the GT boxes, no label there)
+    cfg = DistillConfig(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.1)
+    pseudo = torch.tensor([True, True, True, False, False, False])  # old channels trained on pseudo-labels
+    grads = {}
+    for ignore in (True, False):
+        s.cls.grad = None
+        total, _ = step_loss(s, t, boxes, labels, sizes, torch.ones(6, dtype=torch.bool), LossConfig(), 2.0,
+                             dataclasses.replace(cfg, pseudo_ignore_confident=ignore), pseudo_channels=pseudo)
+        total.backward()
+        grads[ignore] = s.cls.grad.clone()
+    assert float(grads[False][0, 7, :3].abs().sum()) > 0  # every anchor without a pseudo-label is a negative
+    assert float(grads[True][0, 7, :3].abs().sum()) == 0.0  # ...except where HCCD distils the teacher
+    assert float(grads[True][0, 7, 3:].abs().sum()) > 0  # the new channels keep their negatives there
+    assert float(grads[True][1, 7, :3].abs().sum()) > 0  # and other anchors keep theirs
+
+
+def test_every_term_of_the_table_runs_alone_and_is_what_switches_the_teachers_forward_on():
+    """One entry of distill/terms.py per term: switched on alone it adds its losses, and it alone makes a step read the teacher."""
+    from sdidd.distill.terms import TERMS
+    from sdidd.methods import uses_teacher
+    off = dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0)
+    s, t, boxes, labels, sizes = _step_inputs()
+    assert not uses_teacher(DistillConfig(**off))
+    for name, term in TERMS.items():
+        if term.needs_new_teacher:
+            continue  # runs when the new-class teacher's outputs are given (tests/test_new_teacher.py)
+        cfg = DistillConfig(**{**off, name: True})
+        assert term.enabled(cfg) and uses_teacher(cfg), name
+        _, log = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)
+        added = set(log) - {"loss", "loss_qfl", "loss_giou", "loss_dfl", "n_pos"}
+        assert added and any(k.startswith("loss_") for k in added), name

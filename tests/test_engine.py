@@ -49,9 +49,12 @@ def test_schedule_stretches_a_small_step_to_min_iters_and_leaves_a_full_one_as_t
     full = step_schedule(cfg, with_teacher=False, iters_per_epoch=90)  # NEU-DET quick: 720 images / batch 8
     assert (full.epochs, full.milestones, full.warmup_iters, full.recipe_epochs) == (8, (6, 7), 100, 0)
     small = step_schedule(cfg, with_teacher=False, iters_per_epoch=12)  # 100 images / batch 8 (last batch dropped)
-    assert small.epochs * 12 >= 500 and (small.epochs - 1) * 12 < 500
+    assert small.total_iters == 500 and small.epochs == 42  # exactly min_iters: the last epoch stops part-way
     assert small.recipe_epochs == 8
-    assert small.milestones == (round(6 * small.epochs / 8), round(7 * small.epochs / 8))  # decay at the same fractions
+    assert small.milestone_iters == (375, 438)  # decay at the same fractions (6/8, 7/8) of the 500 iterations
+    assert small.factor(374, 12) == pytest.approx(1.0) and small.factor(375, 12) == pytest.approx(0.1)
+    # Steps of different sizes get the same budget (teacher 992 images, joint 1,000 on DeepPCB at batch 8: both 500).
+    assert step_schedule(cfg, False, iters_per_epoch=62).total_iters == step_schedule(cfg, False, iters_per_epoch=61).total_iters
     cfg.train.min_iters = 0  # off: the recipe's epochs
     raw = step_schedule(cfg, with_teacher=False, iters_per_epoch=12)
     assert (raw.epochs, raw.milestones, raw.warmup_iters) == (8, (6, 7), 100)
@@ -64,7 +67,18 @@ def test_a_100_image_step_runs_at_least_min_iters(tmp_path: Path) -> None:
     spec = StepSpec(list(data.classes), list(data.classes), "joint", 0)
     step = build_step(cfg, spec, data, tmp_path, None)
     assert len(step.loader) * step.schedule.epochs >= 120 > len(step.loader) * 2
-    assert step.stats["iterations"] == len(step.loader) * step.schedule.epochs
+    assert step.stats["iterations"] == 120
+
+
+def test_a_stretched_step_trains_exactly_min_iters_iterations(tmp_path: Path) -> None:
+    from sdidd.engine.trainer import train_step
+    cfg = _cfg(data={"dataset": "synthetic", "num_train_images": 20, "num_test_images": 4},
+               train={"batch_size": 4, "min_iters": 12, "epochs": 1, "milestones": [1], "eval_every": 0})
+    data = load_run_data(cfg.data)
+    spec = StepSpec(list(data.classes), list(data.classes), "joint", 0)
+    result = train_step(cfg, spec, tmp_path / "run", data)  # 5 iterations per epoch: 2 whole epochs and 2 iterations
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert state["iteration"] == 12 and state["epoch"] == 3 and result.stats["iterations"] == 12
 
 
 def test_small_data_protocol_cuts_only_the_images_of_the_added_classes() -> None:
@@ -79,6 +93,11 @@ def test_small_data_protocol_cuts_only_the_images_of_the_added_classes() -> None
     assert [r.image_id for r in again.records] == [r.image_id for r in cut.records]  # seeded: every method sees the same images
     assert [r.image_id for r in other.records] != [r.image_id for r in cut.records]
     assert cut_new_images(data.train, new, 10_000, seed=0).records == data.train.records
+    # Joint keeps the old-class boxes of the images it does not choose: only the new classes are cut down.
+    joint_cut = cut_new_images(data.train, new, 10, seed=0, keep_other_boxes=True)
+    assert sum(map(holds, joint_cut.records)) == 10
+    old_boxes = lambda d: sum(int((~torch.isin(torch.as_tensor(r.labels), torch.tensor(ids))).sum()) for r in d.records)  # noqa: E731
+    assert old_boxes(joint_cut) == old_boxes(data.train) > old_boxes(cut)
     # A joint step relearns every class but the cut applies to the classes it adds.
     joint = step_specs([old, new], "joint")[1]
     assert joint.new_classes == old + new and joint.added_classes == new

@@ -69,7 +69,8 @@ def method_entry(result: StepResult, num_old: int, classes: list[str]) -> dict[s
         "train_seconds": round(result.stats.get("train_seconds", 0.0), 1),
         "images_per_second": round(result.stats.get("images_per_second", 0.0), 2),
         "peak_memory_mb": round(result.stats.get("peak_memory_mb", 0.0), 1),
-        **{k: int(result.stats[k]) for k in ("images", "epochs", "iterations") if k in result.stats},
+        **{k: int(result.stats[k]) for k in ("images", "iterations") if k in result.stats},
+        **({"epochs": round(result.stats["epochs"], 2)} if "epochs" in result.stats else {}),
         # the extra training run of a fine-tuned new-class teacher (its per-iteration forward is in train_seconds)
         **({"new_teacher_seconds": round(result.stats["new_teacher_seconds"], 1)} if "new_teacher_seconds" in result.stats else {}),
     }
@@ -115,21 +116,9 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     """Teacher, then every method from it, for the seed in `cfg.train.seed`; writes its report as it goes."""
     all_classes = [c for g in groups for c in g]
     num_old = len(all_classes) - len(groups[-1])
-    base_sched, inc_sched = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
     base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
     teacher_res = train_step(cfg, base_spec, out_dir / "teacher", data)
-    report: dict[str, Any] = {
-        "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
-        "date": _dt.date.today().isoformat(), "command": command,
-        "classes_old": all_classes[:num_old], "classes_new": all_classes[num_old:],
-        "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
-                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base_sched.epochs,
-                     "incremental_epochs": inc_sched.epochs, "batch_size": cfg.train.batch_size,
-                     "lr": base_sched.lr, "incremental_lr": inc_sched.lr, "min_iters": cfg.train.min_iters,
-                     "new_images": cfg.incremental.new_images, "seed": cfg.train.seed,
-                     **({"val_fraction": cfg.data.val_fraction} if cfg.data.val_fraction else {})},
-        "methods": {},
-    }
+    report = report_header(cfg, groups, protocol, profile, command)
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
     report["methods"]["teacher"] = {"map50_old": round(sum(t_ap.values()) / len(t_ap), 2), "ap50_per_class": t_ap,
                                     **{k: v for k, v in method_entry(teacher_res, 0, list(t_ap)).items()
@@ -157,6 +146,24 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
         _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
+
+
+def report_header(cfg: Config, groups: list[list[str]], protocol: str, profile: str, command: str) -> dict[str, Any]:
+    """A benchmark report's fields before any result: what ran, where, when, and the recipe's settings (`methods` empty)."""
+    flat = [c for g in groups for c in g]
+    num_old = len(flat) - len(groups[-1])
+    base, inc = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
+    return {
+        "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
+        "date": _dt.date.today().isoformat(), "command": command, "classes_old": flat[:num_old], "classes_new": flat[num_old:],
+        "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
+                     "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base.epochs,
+                     "incremental_epochs": inc.epochs, "batch_size": cfg.train.batch_size,
+                     "lr": base.lr, "incremental_lr": inc.lr, "min_iters": cfg.train.min_iters,
+                     "new_images": cfg.incremental.new_images, "seed": cfg.train.seed,
+                     **({"val_fraction": cfg.data.val_fraction} if cfg.data.val_fraction else {})},
+        "methods": {},
+    }
 
 
 def forgetting(teacher: dict[str, Any], entry: dict[str, Any]) -> float:
@@ -305,7 +312,8 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
     teacher = m.get("teacher")
     out = [f"# {report['dataset']} {report['protocol']} — profile `{report['profile']}`", "",
            f"- Command: `{report['command']}`", f"- Machine: {report['machine']}", f"- Date: {report['date']}",
-           f"- Settings: {json.dumps(report.get('settings', {}))}",
+           f"- Settings: {json.dumps(report.get('settings', {}))} (the recipe's epochs; a step whose recipe comes to "
+           "fewer than min_iters iterations trains exactly min_iters: the Time table gives each row's epochs and iterations)",
            "- Metric: COCO AP@0.5 (pycocotools) per class on the test split, last epoch (no model selection)."]
     val = report.get("settings", {}).get("val_fraction")
     if val:  # a hyper-parameter study: nothing here was measured on the test split
@@ -350,7 +358,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
     def cell(v: dict, key: str, fmt: str) -> str:
         return format(v[key], fmt) if v.get(key) else "–"  # e.g. a step resumed from a checkpoint has no speed
     for n, v in m.items():
-        out.append(f"| {n} | {cell(v, 'images', '.0f')} | {cell(v, 'epochs', '.0f')} | {cell(v, 'iterations', '.0f')} "
+        out.append(f"| {n} | {cell(v, 'images', '.0f')} | {cell(v, 'epochs', 'g')} | {cell(v, 'iterations', '.0f')} "
                    f"| {cell(v, 'train_seconds', '.0f')} | {cell(v, 'images_per_second', '.2f')} | {cell(v, 'peak_memory_mb', '.0f')} |")
     if "finetune" in m and "sdidd" in m and m["finetune"].get("images_per_second") and m["sdidd"].get("images_per_second"):
         ratio = m["finetune"]["images_per_second"] / m["sdidd"]["images_per_second"]

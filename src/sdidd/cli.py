@@ -24,13 +24,11 @@ def _run_config(a: argparse.Namespace) -> "Config":
     """Load CONFIG + overrides and join torchrun's process group when launched by it."""
     from .config import load_config
     from .device import select_device
-    from .engine import distributed as dist
     if "=" in a.config:  # `sdidd train data=FILE ...`: no recipe named, the packaged one for one's own defects
         a.overrides, a.config = [a.config, *a.overrides], DEFAULT_RECIPE
     cfg = load_config(a.config, a.overrides)
     select_device(cfg.train.device)  # an unavailable device is said now, not after the data has loaded
-    dist.init_from_env(cfg.train.device)
-    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    _join_torchrun(cfg)
     return cfg
 
 
@@ -50,30 +48,15 @@ def _cmd_incremental(a: argparse.Namespace) -> int:
 
 def _checkpoint_config(state: dict, overrides: list[str], command: str) -> "Config":
     """The checkpoint's config with `key=value` overrides of the data and train sections (`data=FILE`: a dataset description)."""
-    from .config import DATASET_KEYS, config_from_dict, merge_dicts, parse_overrides
-    files = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data"]  # data=FILE beside data.key=value
-    extra = parse_overrides([o for o in overrides if o.split("=", 1)[0].strip() != "data"])
-    if files:
-        extra["data"] = _description_with(files[-1], extra.get("data") or {})
-    other = sorted(set(extra) - {"data", "train"})
-    if other:
-        raise SdiddError(f"override '{other[0]}...': {command} uses the checkpoint's model; only data.* and train.* keys "
-                         "(and data=FILE, a dataset description) apply")
-    base = dict(state.get("config") or {})
-    if isinstance(extra.get("data"), tuple):  # data=FILE replaces the checkpoint's dataset keys, keeps its sizes
-        from .data.description import load_description
-        path, keys = extra.pop("data")
-        kept = {k: v for k, v in (base.get("data") or {}).items() if k not in DATASET_KEYS}
-        base["data"] = {**kept, **load_description(path)}
-        extra = merge_dicts(extra, {"data": keys}) if keys else extra
-    return config_from_dict(merge_dicts(base, extra))
+    from .config import resolve
+    return resolve(dict(state.get("config") or {}), overrides, sections=("data", "train"), command=command)
 
 
-def _description_with(path: str, keys: object) -> tuple:
-    """(description file, data.* overrides) when both data=FILE and data.key=value are given."""
-    if not isinstance(keys, dict):
-        raise SdiddError(f"override 'data': give data=FILE once (a dataset description), got also {shown(keys)}")
-    return path, keys
+def _join_torchrun(cfg: "Config") -> None:
+    """Join torchrun's process group when launched by it; this rank then trains on its own device."""
+    from .engine import distributed as dist
+    dist.init_from_env(cfg.train.device)
+    cfg.train.device = dist.device_for_rank(cfg.train.device)
 
 
 def _default_eval_split(d: "DataConfig") -> str:
@@ -132,25 +115,27 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_add_classes(a: argparse.Namespace) -> int:
-    from .config import DATASET_KEYS, config_from_dict, merge_dicts, parse_overrides
-    from .data.description import load_description
-    from .engine import distributed as dist
+    from .config import DATASET_KEYS, resolve
     from .engine.add_classes import run_add_classes
     from .engine.checkpoint import load_checkpoint
     state = load_checkpoint(a.teacher)
     base = _recipe_of(dict(state.get("config", {})), DATASET_KEYS)
-    data = base["data"]
-    overrides = parse_overrides(a.overrides)
-    out = a.out or overrides.get("train", {}).get("out_dir") or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
-    base = merge_dicts({**base, "data": {**data, **load_description(a.data)}}, overrides)
-    base["train"] = {**(base.get("train") or {}), "out_dir": out}
-    cfg = config_from_dict(base)
-    dist.init_from_env(cfg.train.device)
-    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    cfg = resolve(base, a.overrides, description=a.data)
+    if a.out or not any(o.split("=", 1)[0].strip() == "train.out_dir" for o in a.overrides):
+        cfg.train.out_dir = a.out or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
+    _join_torchrun(cfg)
 
     def described(path: Optional[str]) -> Optional["DataConfig"]:
-        return None if path is None else config_from_dict({"data": {**data, **load_description(path)}}).data
-    run_add_classes(a.teacher, cfg, cfg.train.out_dir, a.method, test=described(a.test), old_test=described(a.old_test))
+        return None if path is None else resolve({"data": base["data"]}, description=path).data
+    if a.replay_images is not None:
+        cfg.incremental.replay_images = a.replay_images
+    if cfg.incremental.replay_images and a.replay is None:
+        raise SdiddError("--replay-images needs --replay OLD.yaml: the description of the kept old images")
+    replay = described(a.replay)
+    if replay is not None and not cfg.incremental.replay_images:
+        cfg.incremental.replay_images = 20
+    run_add_classes(a.teacher, cfg, cfg.train.out_dir, a.method, test=described(a.test), old_test=described(a.old_test),
+                    replay=replay)
     return 0
 
 
@@ -182,7 +167,6 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_benchmark(a: argparse.Namespace) -> int:
     from .benchmark import parse_methods, run_benchmark
     from .config import load_config
-    from .engine import distributed as dist
     config = a.config or _profile_config(a.dataset, a.profile)
     overrides = list(a.overrides)
     if a.protocol:
@@ -190,8 +174,7 @@ def _cmd_benchmark(a: argparse.Namespace) -> int:
     if a.dataset not in ("neu-det", "deeppcb", "synthetic"):
         overrides += ["data.dataset=coco"]
     cfg = load_config(config, overrides)
-    dist.init_from_env(cfg.train.device)
-    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    _join_torchrun(cfg)
     command = "sdidd " + " ".join(sys.argv[1:])
     small = f"_new{cfg.incremental.new_images}" if cfg.incremental.new_images else ""  # the small-data protocol's own runs
     run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}{small}",
@@ -344,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", help="dataset description whose test split is labelled with every class")
     s.add_argument("--old-test", help="dataset description whose test split is labelled with the old classes")
     s.add_argument("--out", help="run folder (default: runs/add_classes/<data folder>_<method>)")
+    s.add_argument("--replay", metavar="OLD.yaml", help="dataset description of kept old images (its train split, labelled "
+                   "with old classes): a few of them train with the new images")
+    s.add_argument("--replay-images", type=int, metavar="N", help="replayed images per old class (default 20 with --replay)")
     s.add_argument("overrides", nargs="*", help="key=value, e.g. incremental.epochs=24")
     s.set_defaults(fn=_cmd_add_classes)
 

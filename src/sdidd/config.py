@@ -140,6 +140,9 @@ class DistillConfig:
     pseudo_labels: Optional[bool] = None
     pseudo_sigmas: float = 2.0  # per-class threshold: mean + this many std of the teacher's detection scores of the class
     pseudo_overlap_iou: float = 0.5  # a detection overlapping a new-class GT box this much is dropped
+    # With pseudo-labels the old channels get QFL supervision, 0 wherever no pseudo-label lies. True: not at the anchors
+    # HCCD distils (the teacher is confident there: an old defect that got no pseudo-label), so the two never disagree.
+    pseudo_ignore_confident: Optional[bool] = None
     # New-class teacher (distill/new_teacher.py): a model that knows the step's new classes distils their scores and
     # their boxes at the new positives. A checkpoint path, or "finetune": fine-tune the teacher on the step's data first.
     new_teacher: Optional[str] = None
@@ -171,6 +174,9 @@ class IncrementalConfig:
     # The new images keep the labels of the old classes they show (a line that labels every defect it sees): those
     # are trained as ground truth too. False: the paper's protocol, the new images carry new-class labels only.
     old_labels: bool = False
+    # Replay: this many kept old images per old class (seeded, engine/replay.py) join each incremental step with their
+    # old-class labels. 0: data-free (the default). Drawn from the run's training split, or `sdidd add-classes --replay`.
+    replay_images: int = 0
 
 
 @dataclass
@@ -334,27 +340,45 @@ def packaged_config(name: str) -> Path:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults when path is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file() and p.suffix == "" and p.name == str(path):  # a recipe shipped with sdidd, by name
-            p = packaged_config(str(path))
-        if not p.is_file():
-            known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
-            raise SdiddError(f"{p}: config file not found (packaged recipes: {known})")
-        data = load_yaml(p) or {}
-        if not isinstance(data, dict):
-            raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
+    return resolve(read_recipe(path) if path is not None else {}, overrides)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The mapping of a recipe: a YAML file, or a recipe shipped with sdidd by name (`neu_det_quick`)."""
+    p = Path(path)
+    if not p.is_file() and p.suffix == "" and p.name == str(path):  # a recipe shipped with sdidd, by name
+        p = packaged_config(str(path))
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+        raise SdiddError(f"{p}: config file not found (packaged recipes: {known})")
+    data = load_yaml(p) or {}
+    if not isinstance(data, dict):
+        raise SdiddError(f"{p}: expected a mapping of config sections at the top level")
+    return data
+
+
+def resolve(recipe: dict[str, Any], overrides: list[str] | None = None, description: str | Path | None = None,
+            sections: tuple[str, ...] | None = None, command: str = "") -> Config:
+    """The one way every command builds its Config: a recipe mapping (a file's, or a checkpoint's), then a dataset
+    description (`description`, or `data=FILE` among the overrides) replacing its dataset keys, then `key=value`
+    overrides; validated. `sections` limits the overrides to those sections (a checkpoint's model is fixed)."""
     items = list(overrides or [])
     files = [i for i in items if i.split("=", 1)[0].strip() == "data"]  # data=FILE, kept apart from data.<key>=...
     extra = parse_overrides([i for i in items if i not in files])
-    if files:  # a dataset description replaces the recipe's dataset keys; data.<key>=... overrides still apply after it
+    if sections is not None:
+        other = sorted(set(extra) - set(sections))
+        if other:
+            raise SdiddError(f"override '{other[0]}...': {command} uses the checkpoint's model; only "
+                             f"{' and '.join(f'{x}.*' for x in sections)} keys (and data=FILE, a dataset description) apply")
+    if "data" in extra and not isinstance(extra["data"], dict):
+        raise SdiddError(f"override 'data': give data=FILE once (a dataset description), got also {shown(extra['data'])}")
+    path = files[-1].split("=", 1)[1] if files else description
+    data = dict(recipe)
+    if path is not None:  # a dataset description replaces the recipe's dataset keys; data.<key>=... still apply after it
         from .data.description import load_description
-        described = load_description(files[-1].split("=", 1)[1])
         kept = {k: v for k, v in (data.get("data") or {}).items() if k not in DATASET_KEYS}
-        data = {**data, "data": {**kept, **described}}
-    data = merge_dicts(data, extra)
-    return config_from_dict(data)
+        data = {**data, "data": {**kept, **load_description(path)}}
+    return config_from_dict(merge_dicts(data, extra))
 
 
 # The keys that say which dataset a run reads (as opposed to how its images are sized and checked).
@@ -417,6 +441,7 @@ def validate(cfg: Config) -> None:
     need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
+    need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
          "incremental.milestones", "must be increasing epochs >= 1")
     need(inc.start_step is None or inc.start_step >= 1, "incremental.start_step", "must be >= 1 (step 0 has no teacher)")

@@ -14,8 +14,8 @@ Input contract of the ONNX model (input ``images``):
 Outputs: ``boxes`` ``[N, A, 4]`` xyxy in input (S x S) pixels, decoded from the 17-bin distributions
 (integral x level stride around each anchor point), and ``scores`` ``[N, A, C]`` (sigmoid). A is the
 number of anchor points of levels P3-P7 (strides 8..128). NMS is not in the graph:
-:func:`postprocess_onnx_outputs` reproduces the detector's post-processing (score > 0.05, top 1000 per
-level, class-aware NMS at IoU 0.6, 100 per image) with torchvision when torch is installed, else numpy,
+:func:`postprocess_onnx_outputs` reproduces the detector's post-processing (the settings of
+``model/postprocess_settings.py``, which both read) with torchvision when torch is installed, else numpy,
 and maps boxes back to original pixels when given each image's scale.
 The model's metadata (``custom_metadata_map``) lists the classes, S, strides and anchors per level.
 """
@@ -33,14 +33,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import SdiddError
+from .model.postprocess_settings import POSTPROCESS, STRIDES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["export_onnx", "postprocess_onnx_outputs", "letterbox", "level_counts", "POSTPROCESS", "STRIDES"]
 
-STRIDES = (8, 16, 32, 64, 128)  # = sdidd.model.detector.STRIDES (kept here so NMS needs no torch)
-# GFL.postprocess's defaults, copied so this module imports without torch; tests check they match.
-POSTPROCESS = {"score_thr": 0.05, "nms_pre": 1000, "iou_thr": 0.6, "max_per_img": 100}
 _ONNX_HINT = 'ONNX export needs onnx and onnxruntime: pip install "sdidd[onnx]"'
 
 

@@ -2,11 +2,10 @@
 
 A method is an entry of :data:`METHODS`. An engine method (``variant_of`` None) gives the defaults of the
 `distill` switches the config leaves unset (None) and its QFL weight; a benchmark variant (an ablation, or
-``sdidd+dual``) runs as the engine method it names with some switches set. The CLI's choices, config
-validation, the step builder (is a teacher needed?), the new-class teacher and the benchmark all read this
-table; an unknown name is one error line wherever it is given. Adding a method or an ablation is one entry
-here; adding a distillation term is its loss file plus its switch in `DistillConfig` and in the entries below
-(see docs/ARCHITECTURE.md).
+``sdidd+dual``, a replay or old-labels row) runs as the engine method it names with some `distill` or
+`incremental` settings. The CLI's choices, config validation, the step builder, the new-class teacher and
+the benchmark all read this table; an unknown name is one error line wherever it is given. Adding a method or
+an ablation is one entry here; a distillation term is an entry of `distill/terms.py` (see docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -22,9 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["Method", "METHODS", "ENGINE_METHODS", "ADD_CLASSES_METHODS", "method", "resolved_distill", "qfl_weight",
            "uses_teacher", "variant_config", "VARIANT_GROUPS"]
 
-# The distillation terms a method may switch on; a term reads the old teacher when it is on.
-TERMS = ("hccd", "erd_box", "dscrd", "idfd", "kd_mismatch")
-_NONE = dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2")
+_NONE = dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0, pseudo_labels=False, hccd_form="l2",
+             pseudo_ignore_confident=False)
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,7 @@ class Method:
     variant_of: Optional[str] = None  # a benchmark variant: the engine method it runs as, with `distill` set
     add_classes: bool = False  # offered by `sdidd add-classes --method`
     group: Optional[str] = None  # benchmark shorthand that selects it with its group ('ablations', 'plus-ablations')
+    incremental: Mapping[str, Any] = field(default_factory=dict)  # a variant's `incremental.*` settings (its data)
 
 
 METHODS: dict[str, Method] = {
@@ -49,7 +48,7 @@ METHODS: dict[str, Method] = {
         qfl_weight=2.0, add_classes=True),
     "sdidd+": Method("SD-IDD with HCCD on scores (bounded gradient) and old-class pseudo-labels on the new images", {
         **_NONE, "hccd": True, "erd_box": True, "dscrd": True, "idfd": True, "hccd_min_score": 0.1,
-        "pseudo_labels": True, "hccd_form": "bce"}, qfl_weight=2.0, add_classes=True),
+        "pseudo_labels": True, "hccd_form": "bce", "pseudo_ignore_confident": True}, qfl_weight=2.0, add_classes=True),
     # Each ablation removes one strategy (or our HCCD score floor) from the full sdidd method.
     "sdidd-no-cls": Method("SD-IDD without HCCD", {"hccd": False}, variant_of="sdidd", group="ablations"),
     "sdidd-no-reg": Method("SD-IDD without DSCRD", {"dscrd": False}, variant_of="sdidd", group="ablations"),
@@ -60,6 +59,9 @@ METHODS: dict[str, Method] = {
     # Each sdidd+ variant removes one of its additions (sdidd itself removes both) or adds one.
     "sdidd+-no-pseudo": Method("sdidd+ without pseudo-labels", {"pseudo_labels": False}, variant_of="sdidd+",
                                group="plus-ablations"),
+    "sdidd+-all-negatives": Method("sdidd+ with every anchor without a pseudo-label an old-channel negative, "
+                                   "HCCD's confident anchors too", {"pseudo_ignore_confident": False},
+                                   variant_of="sdidd+", group="plus-ablations"),
     "sdidd+-l2": Method("sdidd+ with the L2 HCCD", {"hccd_form": "l2"}, variant_of="sdidd+", group="plus-ablations"),
     # The score form's gradient σ'(z_t)·Δz is at most 1/4·Δz, L2's is 2·Δz: at 8× weight the two pull alike where
     # the teacher's score is 0.5, while the score form still lets go of classes the teacher scores near 0.
@@ -67,10 +69,19 @@ METHODS: dict[str, Method] = {
                              group="plus-ablations"),
     "sdidd+dual": Method("sdidd+ with a second, new-class teacher (the step's fine-tune)", {"new_teacher": "finetune"},
                          variant_of="sdidd+", group="plus-ablations"),
+    # The same methods when the new images keep the labels of the old defects they show (a line that labels every
+    # defect it sees): those labels are trained as ground truth, distillation still keeps what they do not cover.
+    "sdidd-old-labels": Method("SD-IDD, the new images' old-class labels kept", variant_of="sdidd",
+                               incremental={"old_labels": True}, group="old-labels"),
+    "finetune-old-labels": Method("fine-tune, the new images' old-class labels kept", variant_of="finetune",
+                                  incremental={"old_labels": True}, group="old-labels"),
+    # A few kept old images per old class replayed with their labels (engine/replay.py): the curve N = 5, 20, 50.
+    **{f"sdidd-replay{n}": Method(f"SD-IDD with {n} replayed old images per old class", variant_of="sdidd",
+                                  incremental={"replay_images": n}, group="replay") for n in (5, 20, 50)},
 }
 ENGINE_METHODS = tuple(n for n, m in METHODS.items() if m.variant_of is None)  # what incremental.method accepts
 ADD_CLASSES_METHODS = tuple(n for n, m in METHODS.items() if m.add_classes)
-VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations")}
+VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations", "old-labels", "replay")}
 
 
 def method(name: str) -> Method:
@@ -107,17 +118,20 @@ def qfl_weight(cfg: "Config", name: str) -> float:
 
 def uses_teacher(d: "DistillConfig") -> bool:
     """Whether any distillation term that is on reads the old teacher's outputs (else its forward is skipped)."""
-    return any(bool(getattr(d, t)) for t in TERMS)
+    from .distill.terms import reads_teacher  # the terms table (torch) only when a step is built
+    return reads_teacher(d)
 
 
 def variant_config(cfg: "Config", name: str) -> tuple["Config", str]:
-    """(the config of method `name`, the engine method it runs as): a variant's distill switches set on a copy."""
+    """(the config of method `name`, the engine method it runs as): a variant's distill and incremental settings on a copy."""
     import copy
     entry = method(name)
     c = copy.deepcopy(cfg)
     if entry.variant_of is not None:
         for k, v in entry.distill.items():
             setattr(c.distill, k, v)
+        for k, v in entry.incremental.items():
+            setattr(c.incremental, k, v)
     base = entry.variant_of or name
     c.incremental.method = base
     return c, base

@@ -197,6 +197,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         transform: Optional[Transform] = None,
         name: str = "",
     ) -> None:
+        # The name of each label value: records' labels index this list, always. As loaded it is the dataset's class
+        # order; a `channel_view` (engine/run_data.py) relabels the boxes to model channels and sets it to them.
         self.classes: list[str] = list(classes)
         self.records: list[Record] = list(records)
         self.transform = transform

@@ -30,6 +30,7 @@ def hccd_loss(
     min_score: float = 0.0,
     valid: Optional[Tensor] = None,
     form: str = "l2",
+    mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Distance between student and teacher old-class outputs on mu+2sigma-confident anchors, mean per image, summed.
 
@@ -37,10 +38,12 @@ def hccd_loss(
     the student's logits against the teacher's sigmoid scores, minus its value at the teacher (0 at agreement):
     its gradient σ(z_s) − σ(z_t) is bounded, so far-negative logits of classes absent at an anchor, which L2
     weighs like any other, no longer dominate the step (docs/METHOD_NOTES.md, "HCCD on scores").
+    `mask` [B, A]: the selection when the caller computed it already (:func:`confident_mask`).
     Returns (loss, number of selected anchors as a 0-dim tensor).
     """
     num_old = teacher_cls.shape[-1]
-    mask = confident_mask(teacher_cls, min_score=min_score, valid=valid)  # [B, A]
+    if mask is None:
+        mask = confident_mask(teacher_cls, min_score=min_score, valid=valid)  # [B, A]
     s, t = student_cls[..., :num_old], teacher_cls.detach()
     if form == "bce":
         p = t.sigmoid()

@@ -26,8 +26,7 @@ from .kl import distribution_kl
 
 def new_class_positives(assignment: Assignment, num_old: int) -> Tensor:
     """[B, A] bool: ATSS positives whose assigned ground-truth box is of a new class (channel >= num_old)."""
-    label = torch.gather(assignment.gt_labels, 1, assignment.assigned.clamp(min=0))
-    return assignment.pos_mask & (label >= num_old)
+    return assignment.pos_mask & (assignment.assigned_labels >= num_old)
 
 
 def new_teacher_loss(

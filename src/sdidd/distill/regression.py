@@ -27,6 +27,8 @@ def dscrd_loss(
 ) -> dict[str, Tensor]:
     """Box-distribution KL on ATSS positives ('ld', predicted-IoU weighted) and on the VLR ('vlr', IoU weighted).
 
+    A positive's weight is the student's best score among the channels of its box's kind (new or old classes).
+
     `exclude` [B, A] bool drops positives from LD (those a new-class teacher distils instead). Summed over the
     batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
     """
@@ -37,8 +39,15 @@ def dscrd_loss(
         if exclude is not None:
             pos = pos & ~exclude
         region = assignment.vlr_region()  # [B, A], IoU(a, g*) inside the VLR, else 0
-        # w_a: the student's new-class quality score (its predicted IoU), detached; 0 off the positives.
-        w = student_cls[..., new_slice].detach().sigmoid().amax(dim=-1) * pos.to(student_cls.dtype)
+        # w_a: the student's quality score (its predicted IoU) over the classes of the positive's box, detached,
+        # 0 off the positives: the new classes' channels at new-class boxes (the paper's case); the old classes'
+        # at old-class boxes (pseudo-labels or labelled old defects), where the new channels score ~0 and would
+        # switch LD off.
+        score = student_cls.detach().sigmoid()
+        old_box = assignment.assigned_labels < new_slice.start
+        w_new = score[..., new_slice].amax(dim=-1)
+        w = torch.where(old_box, score[..., :new_slice.start].amax(dim=-1), w_new) if new_slice.start > 0 else w_new
+        w = w * pos.to(w.dtype)
     # One dense KL for every anchor; positives may also lie in the VLR (DIoU <= IoU). Masked anchors are
     # multiplied by an exact 0, which keeps the graph to the student with a zero gradient there.
     kl = distribution_kl(student_reg.reshape(-1, bins), teacher_reg.reshape(-1, bins), T)

@@ -25,6 +25,7 @@ from ..run_files import write_json
 from .build import StepSpec
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluation import evaluate_model
+from .replay import offset_ids
 from .run_data import RunData, channel_view, decode_once, load_run_data, load_split
 from .trainer import StepResult, train_step
 
@@ -74,8 +75,12 @@ def plan_classes(teacher_state: dict[str, Any], new_data: RunData,
 
 
 def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, method: str = "sdidd+",
-                    test: Optional[DataConfig] = None, old_test: Optional[DataConfig] = None) -> AddClassesResult:
-    """Train the student of `teacher_path` on `cfg.data` (new classes only) and report old / new / all AP50."""
+                    test: Optional[DataConfig] = None, old_test: Optional[DataConfig] = None,
+                    replay: Optional[DataConfig] = None) -> AddClassesResult:
+    """Train the student of `teacher_path` on `cfg.data` (new classes only) and report old / new / all AP50.
+
+    `replay`: a description of kept old images; `cfg.incremental.replay_images` of them per old class join the step.
+    """
     state = load_checkpoint(teacher_path)
     det = state["detector"]
     if cfg.model.backbone != det["backbone"]:
@@ -83,6 +88,13 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
                          "drop model.backbone (add-classes keeps the teacher's architecture)")
     data = load_run_data(cfg.data)
     old, new, labelled = plan_classes(state, data, teacher_path)
+    if replay is not None and cfg.incremental.replay_images:
+        kept = decode_once(load_split(replay, replay.train_split), replay)
+        if not any(c in kept.classes for c in old):
+            raise SdiddError(f"--replay {replay.train_ann or replay.train_path}: names none of the teacher's classes ({', '.join(old)})")
+        # Its own image ids may be the new dataset's: moved past them, since the teachers' caches are keyed by id.
+        taken = [r.image_id for d in (data.train, data.test, data.val) if d is not None for r in d.records]
+        data.replay = offset_ids(kept, max(taken, default=0) + 1)
     teacher = model_from_checkpoint(state)
     spec = StepSpec(old + new, new, method, int(state.get("step", 0)) + 1, labelled_old=labelled)
     cfg = copy.deepcopy(cfg)

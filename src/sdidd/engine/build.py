@@ -22,8 +22,9 @@ from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
 from .incremental import extend_student, freeze_teacher
 from .pseudo_labels import pseudo_labelled
+from .replay import with_replay
 from .run_data import RunData, channel_view, cut_new_images, train_loader
-from .schedule import Schedule, log_schedule, step_schedule
+from .schedule import Schedule, iterations, log_schedule, step_schedule
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class Step:
     teacher_cache: Optional[TeacherCache] = None  # the teachers' outputs per (image, flip), set by trainer.speed_setup
     val_set: Optional[DetectionDataset] = None  # a described dataset's val split: per-epoch evaluation, best.pth
     new_teacher_cache: Optional[TeacherCache] = None
+    pseudo_channels: Optional[torch.Tensor] = None  # [C] bool: old channels trained on pseudo-labels (sdidd+)
+    replay_ids: frozenset[int] = frozenset()  # image ids of the replayed old images (engine/replay.py)
+    replay_channels: Optional[torch.Tensor] = None  # [C] bool: the channels a replayed image supervises (the old ones)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -124,7 +128,9 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
 
     source = data.train
     if spec.step > 0 and cfg.incremental.new_images:  # the small-data protocol: few images of the added classes
-        source = cut_new_images(source, spec.added_classes, cfg.incremental.new_images, t.seed + spec.step)
+        # Joint (no teacher) keeps the old classes' boxes of the images it does not choose: only the new classes are cut.
+        source = cut_new_images(source, spec.added_classes, cfg.incremental.new_images, t.seed + spec.step,
+                                keep_other_boxes=teacher is None)
     # Labels become model channels here, once: training keeps only the boxes of the trained classes.
     train_set = channel_view(source, spec.classes, keep=spec.new_classes + spec.labelled_old)
     test_set = channel_view(data.test, spec.classes, keep_empty=True)
@@ -137,16 +143,27 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     labelled = [spec.classes.index(c) for c in spec.labelled_old]
     trained[labelled] = True
     stats: dict[str, float] = {}
+    pseudo_channels: Optional[torch.Tensor] = None
     if teacher is not None:
         teacher = freeze_teacher(teacher.to(device))
         model = extend_student(teacher, len(spec.classes), cfg.incremental.new_class_init).to(device)
         if distill is not None and distill.pseudo_labels:  # old channels then train on the teacher's confident detections
             train_set, pl = pseudo_labelled(train_set, teacher, cfg.data, device, distill.pseudo_sigmas,
                                             distill.pseudo_overlap_iou, t.workers, labelled=labelled)
+            pseudo_channels = ~trained  # the old channels no label of the step covers
             trained[:] = True
             stats = {"pseudo_boxes": float(pl["pseudo_boxes"]), "pseudo_images": float(pl["pseudo_images"])}
     else:
         model = build_detector(detector_config(cfg, len(spec.classes))).to(device)
+    replay_ids: frozenset[int] = frozenset()
+    replay_channels: Optional[torch.Tensor] = None
+    if teacher is not None and cfg.incremental.replay_images:  # a few kept old images with their labels (replay.py)
+        old_source = data.replay if data.replay is not None else data.train
+        old_view = channel_view(old_source, spec.classes, keep=[c for c in spec.classes[:spec.num_old] if c in old_source.classes])
+        train_set, replay_ids = with_replay(train_set, old_view, spec.num_old, cfg.incremental.replay_images,
+                                            t.seed + spec.step)
+        replay_channels = torch.zeros_like(trained)
+        replay_channels[:spec.num_old] = True
     loader = train_loader(train_set, cfg.data, t.batch_size, t.workers, t.seed + spec.step)
     iters_per_epoch = len(loader)
     schedule = step_schedule(cfg, teacher is not None, iters_per_epoch)
@@ -157,8 +174,9 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
 
     step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and uses_teacher(distill) else None,
                 distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
-                stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": float(schedule.epochs),
-                       "iterations": float(schedule.epochs * iters_per_epoch), "images": float(len(train_set)), **stats})
+                stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": round(iterations(schedule, iters_per_epoch) / max(iters_per_epoch, 1), 2),
+                       "iterations": float(iterations(schedule, iters_per_epoch)), "images": float(len(train_set)), **stats})
+    step.pseudo_channels, step.replay_ids, step.replay_channels = pseudo_channels, replay_ids, replay_channels
     if data.val is not None:  # the same view when the val split is also what the final numbers are measured on
         step.val_set = test_set if data.val is data.test else channel_view(data.val, spec.classes, keep_empty=True)
     if t.resume and (step.out_dir / "last.pth").is_file():

@@ -158,7 +158,9 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool, distilled: bool
     flat.setdefault("data.val_fraction", 0.0)  # a checkpoint from before the key trained on every training image
     # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
     flat.setdefault("incremental.old_labels", False)  # a checkpoint from before the key trained on new labels only
-    step_keys = ("incremental.new_images", "incremental.old_labels") if with_teacher else ("incremental.new_images",)
+    flat.setdefault("incremental.replay_images", 0)
+    step_keys = (("incremental.new_images", "incremental.old_labels", "incremental.replay_images") if with_teacher
+                 else ("incremental.new_images",))
     flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k in step_keys}
     if not (with_teacher and distilled):  # a step without a teacher, or a fine-tune, ignores the distillation
         flat = {k: v for k, v in flat.items() if not k.startswith("distill.")}

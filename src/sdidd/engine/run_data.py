@@ -41,6 +41,7 @@ class RunData:
     train: DetectionDataset
     test: DetectionDataset
     val: Optional[DetectionDataset] = None
+    replay: Optional[DetectionDataset] = None  # kept old images to replay (add-classes --replay); None: `train`'s
 
 
 def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
@@ -163,17 +164,32 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
     return out
 
 
-def cut_new_images(dataset: DetectionDataset, classes: list[str], n: int, seed: int) -> DetectionDataset:
-    """Keep `n` seeded-random images among those holding a box of `classes` (the others stay): the small-data protocol."""
+def cut_new_images(dataset: DetectionDataset, classes: list[str], n: int, seed: int,
+                   keep_other_boxes: bool = False) -> DetectionDataset:
+    """Keep `n` seeded-random images among those holding a box of `classes` (the others stay): the small-data protocol.
+
+    An image not chosen is dropped, or with `keep_other_boxes` (joint training, which also learns the old classes)
+    kept with its boxes of other classes only, as the teacher saw it: the old classes keep all their images and
+    labels, and only `classes` are cut down to `n` labelled images.
+    """
     ids = [dataset.classes.index(c) for c in classes if c in dataset.classes]
     holders = [i for i, r in enumerate(dataset.records) if np.isin(r.labels, ids).any()]
     if n >= len(holders):
         return dataset
     chosen = set(np.asarray(holders)[np.random.default_rng(seed).choice(len(holders), n, replace=False)].tolist())
-    log.info(f"small-data protocol: {n} of the {len(holders)} training images holding a box of {', '.join(classes)} "
-             f"(incremental.new_images={n}, seed {seed})")
     holder_set = set(holders)
-    return dataset.with_records([r for i, r in enumerate(dataset.records) if i not in holder_set or i in chosen])
+    records = []
+    for i, r in enumerate(dataset.records):
+        if i not in holder_set or i in chosen:
+            records.append(r)
+        elif keep_other_boxes:
+            other = ~np.isin(r.labels, ids)
+            if other.any():
+                records.append(dataclasses.replace(r, boxes=r.boxes[other], labels=r.labels[other]))
+    log.info(f"small-data protocol: {n} of the {len(holders)} training images holding a box of {', '.join(classes)} "
+             f"(incremental.new_images={n}, seed {seed})"
+             + (f"; the other {len(holders) - n} keep their boxes of other classes" if keep_other_boxes else ""))
+    return dataset.with_records(records)
 
 
 def default_workers(cached: bool) -> int:

@@ -25,6 +25,7 @@ from .new_teacher import attach_new_teacher
 from .objective import step_loss
 from .run_data import RunData, load_run_data
 from .step_log import StepLog
+from .replay import batch_channels
 from .teacher_cache import TeacherCache, cache_blocker
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
                disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=False)
     start, seen = time.perf_counter(), 0
     for batch in bar:
+        if step.schedule.total_iters and step.iteration >= step.schedule.total_iters:
+            break  # a step stretched to train.min_iters stops part-way through its last epoch
         images, boxes, labels, sizes = batch_to_device(step, batch)
         keys = list(zip(batch["image_ids"], batch["flips"]))  # what the teacher caches are indexed by
         # The networks run in bf16 where the device has it; the objective reads their outputs in fp32.
@@ -58,8 +61,10 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
             out = step.ddp_model(images)
             t_out = frozen_outputs(step.teacher, step.teacher_cache, images, keys)
             nt_out = frozen_outputs(step.new_teacher, step.new_teacher_cache, images, keys)
-        loss, parts = step_loss(precision.float_output(out), t_out, boxes, labels, sizes, step.trained, cfg.loss,
-                                step.qfl_weight, step.distill, nt_out, step.new_channels)
+        trained, replayed = batch_channels(step.trained, step.replay_channels, step.replay_ids, batch["image_ids"])
+        pseudo = step.pseudo_channels if replayed is None or step.pseudo_channels is None else step.pseudo_channels & ~replayed
+        loss, parts = step_loss(precision.float_output(out), t_out, boxes, labels, sizes, trained, cfg.loss,
+                                step.qfl_weight, step.distill, nt_out, step.new_channels, pseudo)
         # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
         finite = torch.isfinite(loss.detach())
         if dist.any_rank(~finite):

@@ -11,8 +11,8 @@ from .anchors import AnchorGrid, make_anchor_grid
 from .backbone import build_backbone
 from .fpn import FPN
 from .head import GFLHead, distance2bbox, integral
+from .postprocess_settings import POSTPROCESS, STRIDES
 
-STRIDES = (8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -73,10 +73,10 @@ class GFL(nn.Module):
         self,
         out: DenseOutput,
         image_sizes: list[tuple[int, int]],
-        score_thr: float = 0.05,
-        nms_pre: int = 1000,
-        iou_thr: float = 0.6,
-        max_per_img: int = 100,
+        score_thr: float = POSTPROCESS["score_thr"],
+        nms_pre: int = POSTPROCESS["nms_pre"],
+        iou_thr: float = POSTPROCESS["iou_thr"],
+        max_per_img: int = POSTPROCESS["max_per_img"],
     ) -> list[dict[str, Tensor]]:
         """Boxes in input pixels per image: score filter, top nms_pre per level, class-aware NMS, top max_per_img."""
         results = []

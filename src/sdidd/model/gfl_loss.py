@@ -106,10 +106,14 @@ def gfl_loss(
     giou_weight: float = 2.0,
     dfl_weight: float = 0.25,
     beta: float = 2.0,
+    qfl_ignore: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """GFL losses {'qfl', 'giou', 'dfl', 'num_pos'} for logits `cls` [B, A, C] and `reg` [B, A, 4, R+1].
 
-    ``trained`` [C] bool: channels that get QFL supervision; the GIoU/DFL weight of a positive is its
+    ``qfl_ignore`` [B, A, C] bool: entries left out of QFL (no target, no gradient), e.g. an old class's
+    channel where its teacher is confident but no pseudo-label lies.
+
+    ``trained`` [C] or per image [B, C] bool: channels that get QFL supervision; the GIoU/DFL weight of a positive is its
     max predicted score over those channels (detached). Normalisers as mmdetection GFL: QFL by
     Σ_images max(#pos_img, 1); GIoU and DFL by Σ weights (clamped >= 1). Under torch.distributed they
     are the totals over all ranks divided by the world size (one all_reduce; every rank must call this).
@@ -118,6 +122,8 @@ def gfl_loss(
     batch, _, num_classes = cls.shape
     reg_max = reg.shape[-1] - 1
     trained = trained.to(device=cls.device, dtype=torch.bool)
+    if trained.dim() == 2:  # per image [B, C] (replayed old images supervise other channels): broadcast over anchors
+        trained = trained[:, None, :]
     pos = assignment.pos_mask  # [B, A]
 
     # Box terms on K fixed slots per image that hold every positive (see Assignment.positive_slots):
@@ -142,7 +148,8 @@ def gfl_loss(
     labels = assignment.assigned_labels.gather(1, idx).clamp(min=0)  # non-positive slots: value 0 (a no-op)
     score_targets = cls.new_zeros(cls.shape)  # contiguous, so the flat view below is valid
     score_targets.view(batch, -1).scatter_(1, idx * num_classes + labels, iou)  # slots are distinct anchors
-    qfl_sum = quality_focal_loss(cls, score_targets, beta, channel_mask=trained).sum()
+    qfl_mask = trained if qfl_ignore is None else trained & ~qfl_ignore
+    qfl_sum = quality_focal_loss(cls, score_targets, beta, channel_mask=qfl_mask).sum()
 
     num_pos = pos.sum()
     qfl_norm = pos.sum(dim=1).clamp(min=1).sum().to(cls.dtype)  # Σ_img max(#pos_img, 1)

@@ -1,0 +1,10 @@
+"""The detector's strides and post-processing settings, in one torch-free place.
+
+`GFL.postprocess` (torch) and `export.postprocess_onnx_outputs` (numpy, for onnxruntime without torch) both read
+them, so a deployed ONNX model detects exactly what the checkpoint does.
+"""
+from __future__ import annotations
+
+STRIDES = (8, 16, 32, 64, 128)  # P3-P7
+# Score > score_thr, the top nms_pre per level, class-aware NMS at iou_thr, then the top max_per_img per image.
+POSTPROCESS = {"score_thr": 0.05, "nms_pre": 1000, "iou_thr": 0.6, "max_per_img": 100}
