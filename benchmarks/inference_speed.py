@@ -26,6 +26,7 @@ import torch
 from sdidd.config import ModelConfig
 from sdidd.engine.checkpoint import load_checkpoint
 from sdidd.engine.checkpoint import model_from_checkpoint
+from sdidd.engine.precision import amp_enabled
 from sdidd.model.detector import GFL, DetectorConfig, build_detector
 from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, and CPUs with native bf16)")
     p.add_argument("--out", default=None, help="Markdown path (default docs/results/inference_speed_<device>.md)")
     a = p.parse_args(argv)
     if a.threads:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for desc, model in _models(a):
         model = model.to(device).eval()
         for b in batches:
-            ips = _images_per_second(model, b, a.size, a.iters, a.warmup, device, a.amp and device.type == "cuda")
+            ips = _images_per_second(model, b, a.size, a.iters, a.warmup, device, amp_enabled(a.amp, device))
             rows.append((desc, b, ips))
             print(f"{desc}, batch {b}: {ips:.2f} img/s ({1000 * b / ips:.1f} ms/batch)")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- Machine: {machine}; torch {torch.__version__}; Python {platform.python_version()}",
              f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.size}x{a.size} px, `GFL.predict` (forward + decoding + score filter + class-aware NMS), "
-             f"{'bf16 autocast' if a.amp and device.type == 'cuda' else 'fp32'}, mean of {a.iters} calls after {a.warmup} warm-up; "
+             f"{'bf16 autocast' if amp_enabled(a.amp, device) else 'fp32'}, mean of {a.iters} calls after {a.warmup} warm-up; "
              "no image decoding or resizing",
              "", "| model | batch | images/s | ms/batch |", "|---|---|---|---|"]
     lines += [f"| {d} | {b} | {v:.2f} | {1000 * b / v:.1f} |" for d, b, v in rows]

@@ -94,6 +94,23 @@ def test_detector_shapes_and_postprocess():
         assert (r["boxes"][:, 2] <= w).all() and (r["boxes"][:, 3] <= h).all()
 
 
+def test_nms_across_classes_keeps_one_box_per_place():
+    """agnostic=True (NMS across classes): two classes firing at one place leave one box, the better-scored class's;
+    the ONNX path's numpy post-processing does the same."""
+    from sdidd.export import postprocess_onnx_outputs
+    model = tiny_detector(3).eval()
+    out = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    out.cls.fill_(-20.0)
+    out.cls[0, 5, 0], out.cls[0, 5, 2] = 3.0, 2.0  # one anchor: class 0 (score 0.95) and class 2 (0.88) at the same box
+    per_class = model.postprocess(out, [(64, 64)])[0]
+    across = model.postprocess(out, [(64, 64)], agnostic=True)[0]
+    assert sorted(per_class["labels"].tolist()) == [0, 2] and across["labels"].tolist() == [0]
+    boxes = distance2bbox(out.grid.points, integral(out.reg[0]) * out.grid.strides[:, None])[None]
+    onnx = postprocess_onnx_outputs(boxes.detach().numpy(), out.cls.sigmoid().detach().numpy(), [(64, 64)],
+                                    num_per_level=out.grid.num_per_level, agnostic=True, backend="numpy")[0]
+    assert onnx["labels"].tolist() == [0]
+
+
 def _positive_iou(model, images, boxes, labels) -> float:
     """Mean IoU between the decoded boxes of the ATSS positives and their GT."""
     with torch.no_grad():

@@ -16,7 +16,7 @@ from sdidd.engine.replay import batch_channels, choose_replay, offset_ids, with_
 from sdidd.engine.run_data import load_run_data
 from sdidd.errors import SdiddError
 from sdidd.methods import METHODS
-from sdidd.model.detector import DenseOutput
+from sdidd.model.gfl_loss import assign_targets
 from test_distill import _step_inputs
 
 torch.set_num_threads(1)
@@ -54,17 +54,21 @@ def test_with_replay_merges_two_datasets_without_id_clashes_and_refuses_nothing_
 def test_replayed_images_supervise_only_the_old_channels():
     trained = torch.tensor([False, False, False, True, True, True])
     old = ~trained
-    channels, replayed = batch_channels(trained, old, frozenset({7}), [3, 7])
+    channels, at_pos, replayed = batch_channels(trained, old, frozenset({7}), [3, 7])
     assert channels.tolist() == [trained.tolist(), old.tolist()] and replayed.flatten().tolist() == [False, True]
-    assert batch_channels(trained, None, frozenset(), [3, 7]) == (trained, None)
-    # In the loss: a replayed image's new channels get no gradient, its old ones do; the new image the reverse.
+    assert at_pos.tolist() == [[False] * 6, trained.tolist()]  # a replayed image's new channels: at its old boxes only
+    assert batch_channels(trained, None, frozenset(), [3, 7]) == (trained, None, None)
+    # In the loss: the new image trains its new channels only; the replayed one its old channels, and its new
+    # channels only where its old boxes lie (an old defect is not a new one), nowhere else.
     s, t, boxes, labels, sizes = _step_inputs()
     labels = torch.tensor([[3, 5], [0, 1]])  # image 1 is a replayed old image with old-class boxes
-    total, _ = step_loss(s, None, boxes, labels, sizes, torch.stack([trained, old]), LossConfig(), 2.0, None)
+    total, _ = step_loss(s, None, boxes, labels, sizes, channels, LossConfig(), 2.0, None, at_positives=at_pos)
     total.backward()
-    g = s.cls.grad.abs().sum(dim=1)  # [B, C]
-    assert float(g[0, :3].sum()) == 0.0 and float(g[0, 3:].sum()) > 0
-    assert float(g[1, 3:].sum()) == 0.0 and float(g[1, :3].sum()) > 0
+    g = s.cls.grad.abs()  # [B, A, C]
+    pos = assign_targets(s.grid, boxes, labels).pos_mask
+    assert float(g[0, :, :3].sum()) == 0.0 and float(g[0, :, 3:].sum()) > 0
+    assert float(g[1, :, :3].sum()) > 0
+    assert float(g[1][pos[1]][:, 3:].sum()) > 0 and float(g[1][~pos[1]][:, 3:].sum()) == 0.0
 
 
 def test_a_replay_step_holds_n_old_images_per_class_and_the_benchmark_offers_the_curve(tmp_path: Path):

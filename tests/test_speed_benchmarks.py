@@ -41,3 +41,18 @@ def test_inference_speed_writes_report(tmp_path):
          "--backbones", "lite0", "--out", str(out))
     text = out.read_text()
     assert "| 1 |" in text and "| 2 |" in text
+
+
+@pytest.mark.slow
+def test_eval_modes_writes_report(tmp_path):
+    from sdidd.engine.precision import cpu_has_bf16
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: eval_modes.py compares bf16 with fp32")
+    from sdidd.cli import main
+    assert main(["train", "synthetic_quick", f"train.out_dir={tmp_path / 'run'}", "train.epochs=1", "train.min_iters=0",
+                 "data.num_train_images=8", "data.num_test_images=4", "data.train_sizes=[64]", "data.test_size=64",
+                 "data.max_size=64", "model.pretrained=false", "train.progress=false", "train.milestones=[]"]) == 0
+    out = tmp_path / "eval.md"
+    _run("eval_modes.py", str(tmp_path / "run" / "last.pth"), "--rounds", "1", "--out", str(out))
+    text = out.read_text()
+    assert "| mAP50 fp32 | mAP50 bf16 |" in text and "last.pth" in text

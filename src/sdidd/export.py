@@ -110,7 +110,7 @@ def postprocess_onnx_outputs(boxes: Any, scores: Any, image_sizes: Optional[Sequ
                              scales: Optional[Sequence[Any]] = None, num_per_level: Optional[Sequence[int]] = None,
                              score_thr: float = POSTPROCESS["score_thr"], nms_pre: int = POSTPROCESS["nms_pre"],
                              iou_thr: float = POSTPROCESS["iou_thr"], max_per_img: int = POSTPROCESS["max_per_img"],
-                             backend: str = "auto") -> list[dict[str, np.ndarray]]:
+                             agnostic: bool = POSTPROCESS["agnostic"], backend: str = "auto") -> list[dict[str, np.ndarray]]:
     """The detector's post-processing on ONNX outputs: per image {'boxes' xyxy, 'scores', 'labels' (model channel)}.
 
     `image_sizes`: (h, w) of each resized image inside the S x S input (boxes are clamped to it; default S x S).
@@ -143,7 +143,7 @@ def postprocess_onnx_outputs(boxes: Any, scores: Any, image_sizes: Optional[Sequ
         bx, sc, lab = np.concatenate(kept_boxes), np.concatenate(kept_scores), np.concatenate(kept_labels).astype(np.int64)
         valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
         bx, sc, lab = bx[valid], sc[valid], lab[valid]
-        keep = _nms(bx, sc, lab, iou_thr, backend)[:max_per_img]
+        keep = _nms(bx, sc, np.zeros_like(lab) if agnostic else lab, iou_thr, backend)[:max_per_img]
         bx, sc, lab = bx[keep], sc[keep], lab[keep]
         if scales is not None:
             s = np.broadcast_to(np.asarray(scales[b], np.float32).reshape(-1), (2,))

@@ -24,8 +24,8 @@ from ..model.gfl_loss import assign_targets, gfl_loss
 def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Tensor, gt_labels: Tensor,
               image_sizes: Tensor, trained: Tensor, loss_cfg: LossConfig, qfl_weight: float,
               distill: Optional[DistillConfig], new_teacher: Optional[DenseOutput] = None,
-              new_channels: Optional[Tensor] = None, pseudo_channels: Optional[Tensor] = None
-              ) -> tuple[Tensor, dict[str, Tensor]]:
+              new_channels: Optional[Tensor] = None, pseudo_channels: Optional[Tensor] = None,
+              at_positives: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss and a log dict of detached 0-dim tensors: 'loss', 'loss_<part>' per term and the 'n_*' counts.
 
     gt_boxes [B, G, 4] xyxy input pixels and gt_labels [B, G] (model channels, -1 = padding) are the
@@ -35,7 +35,8 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
     `new_channels` [N], its channels of the step's new classes) distils the new classes' scores and boxes.
     `trained` and `pseudo_channels` are [C], or [B, C] per image (a replayed old image supervises its old channels
     from labels). `pseudo_channels`: the old channels trained on pseudo-labels; with `distill.pseudo_ignore_confident`
-    their QFL skips the anchors HCCD distils (no pseudo-label there, yet the teacher is confident).
+    their QFL skips the anchors HCCD distils (no pseudo-label there, yet the teacher is confident). `at_positives`
+    [B, C]: channels an image supervises on its positive anchors only (a replayed old image's new classes: 0 there).
     """
     grid = student.grid
     asg = assign_targets(grid, gt_boxes, gt_labels)
@@ -50,6 +51,11 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
         if ignore:
             pc = pseudo_channels.to(confident.device)
             qfl_ignore = (confident & ~asg.pos_mask)[..., None] & (pc[:, None, :] if pc.dim() == 2 else pc)
+    if at_positives is not None:  # QFL on those channels at the image's positive anchors only
+        atp = at_positives.to(trained.device)
+        off = atp[:, None, :] & ~asg.pos_mask[..., None]
+        qfl_ignore = off if qfl_ignore is None else qfl_ignore | off
+        trained = trained | atp
     parts = gfl_loss(student.cls, student.reg, grid, asg, trained, qfl_weight, loss_cfg.giou, loss_cfg.dfl,
                      qfl_ignore=qfl_ignore)
     losses: dict[str, Tensor] = {k: v for k, v in parts.items() if k != "num_pos"}

@@ -2,8 +2,10 @@
 
 Many lines keep some images of the defects a model already knows. `incremental.replay_images=N` draws N of them
 per old class and mixes them into the step: on those images the old classes train from their labels (QFL, GIoU,
-DFL), and the new classes are not supervised there (the old images were not labelled for them); on the new
-images nothing changes. Distillation runs on every image. N = 0 is the data-free default.
+DFL), and the new classes learn one thing only: an old defect is not a new one (their scores go to 0 on the anchors
+of the old boxes; elsewhere they are not supervised, since the old images were not labelled for the new classes).
+That is the confusion a new-class-only step cannot learn: its images show no old defect, so its new classes fire
+on them. On the new images nothing changes; distillation runs on every image. N = 0 is the data-free default.
 
 The choice rule, seeded by the step (`train.seed + step`), so every method of a benchmark replays the same
 images: for each old class in channel order, the images already chosen that hold the class count towards
@@ -72,12 +74,14 @@ def offset_ids(dataset: DetectionDataset, start: int) -> DetectionDataset:
 
 
 def batch_channels(trained: torch.Tensor, replay_channels: Optional[torch.Tensor], replay_ids: frozenset[int],
-                   image_ids: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(the channels each image's labels supervise [B, C], which images are replayed [B, 1] or None without replay).
+                   image_ids: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per image of a batch: (channels its labels supervise everywhere [B, C], channels supervised on its positive
+    anchors only [B, C] or None, which images are replayed [B, 1] or None); all but the first None without replay.
 
-    A replayed image supervises `replay_channels` (the old classes), every other image `trained`.
+    A replayed image supervises `replay_channels` (the old classes) everywhere and the others at its old boxes' anchors.
     """
     if replay_channels is None or not replay_ids:
-        return trained, None
+        return trained, None, None
     replayed = torch.tensor([i in replay_ids for i in image_ids], device=trained.device)[:, None]
-    return torch.where(replayed, replay_channels[None], trained[None]), replayed
+    everywhere = torch.where(replayed, replay_channels[None], trained[None])
+    return everywhere, replayed & ~replay_channels[None], replayed

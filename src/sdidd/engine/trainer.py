@@ -61,10 +61,11 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
             out = step.ddp_model(images)
             t_out = frozen_outputs(step.teacher, step.teacher_cache, images, keys)
             nt_out = frozen_outputs(step.new_teacher, step.new_teacher_cache, images, keys)
-        trained, replayed = batch_channels(step.trained, step.replay_channels, step.replay_ids, batch["image_ids"])
+        trained, at_positives, replayed = batch_channels(step.trained, step.replay_channels, step.replay_ids,
+                                                         batch["image_ids"])
         pseudo = step.pseudo_channels if replayed is None or step.pseudo_channels is None else step.pseudo_channels & ~replayed
         loss, parts = step_loss(precision.float_output(out), t_out, boxes, labels, sizes, trained, cfg.loss,
-                                step.qfl_weight, step.distill, nt_out, step.new_channels, pseudo)
+                                step.qfl_weight, step.distill, nt_out, step.new_channels, pseudo, at_positives)
         # DDP: every rank must stop together, or the others wait in the gradient all-reduce until torchrun times out.
         finite = torch.isfinite(loss.detach())
         if dist.any_rank(~finite):

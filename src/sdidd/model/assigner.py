@@ -116,12 +116,6 @@ class Assignment:
         return idx, pos.gather(1, idx)
 
     @property
-    def assigned_labels(self) -> Tensor:
-        """[B, A] long: the model channel of each anchor's assigned GT, -1 for negatives."""
-        labels = torch.nn.functional.pad(self.gt_labels, (0, 1), value=-1)  # a column to read for G = 0 too
-        return torch.gather(labels, 1, torch.where(self.assigned >= 0, self.assigned, labels.shape[1] - 1))
-
-    @property
     def assigned_boxes(self) -> Tensor:
         """[B, A, 4] assigned GT box of every anchor (GT 0's box, or zeros, at negatives)."""
         b, a = self.assigned.shape

@@ -77,8 +77,10 @@ class GFL(nn.Module):
         nms_pre: int = POSTPROCESS["nms_pre"],
         iou_thr: float = POSTPROCESS["iou_thr"],
         max_per_img: int = POSTPROCESS["max_per_img"],
+        agnostic: bool = POSTPROCESS["agnostic"],
     ) -> list[dict[str, Tensor]]:
-        """Boxes in input pixels per image: score filter, top nms_pre per level, class-aware NMS, top max_per_img."""
+        """Boxes in input pixels per image: score filter, top nms_pre per level, NMS (class-aware, or across classes
+        with `agnostic`), top max_per_img."""
         results = []
         level_slices, start = [], 0
         for n in out.grid.num_per_level:
@@ -103,7 +105,7 @@ class GFL(nn.Module):
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-            keep = batched_nms(boxes, scores, labels, iou_thr)[:max_per_img]
+            keep = batched_nms(boxes, scores, torch.zeros_like(labels) if agnostic else labels, iou_thr)[:max_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
 
