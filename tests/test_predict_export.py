@@ -193,3 +193,13 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, capsys: pytest.Capt
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if onnx were not installed
     rc, err = _run(["export", str(ckpt), "--out", str(tmp_path / "m.onnx")], capsys)
     assert rc == 2 and len(err) == 1 and 'pip install "sdidd[onnx]"' in err[0]
+
+
+def test_predict_agnostic_keeps_at_most_the_per_class_boxes(ckpt: Path, tmp_path: Path) -> None:
+    """`--agnostic` (NMS across classes) passes through to the detector: never more boxes than per-class NMS."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_picture(96, 160, 5)).save(src / "a.png")
+    per_class = run_predict(ckpt, [src], tmp_path / "p", score_thr=0.05, device="cpu")
+    across = run_predict(ckpt, [src], tmp_path / "q", score_thr=0.05, device="cpu", agnostic=True)
+    assert len(across[0]["scores"]) <= len(per_class[0]["scores"])

@@ -250,7 +250,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     skipped: list[dict[str, str]] = []
     run_predict(a.checkpoint, inputs, a.out, score_thr=a.score, batch_size=int(train.get("batch_size", a.batch_size)),
                 device=str(train.get("device", a.device)), size=data.get("test_size", a.size), skipped=skipped,
-                max_size_arg=data.get("max_size"), **kw)
+                max_size_arg=data.get("max_size"), agnostic=a.agnostic, **kw)
     return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
 
 
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeping its image ids and file names); data.test_size=, data.max_size=, train.batch_size=, train.device= overrides")
     s.add_argument("--out", default="predictions")
     s.add_argument("--score", type=float, default=0.3)
+    s.add_argument("--agnostic", action="store_true", help="NMS across classes: one box per place, the best-scored "
+                   "class's (ultralytics' agnostic_nms)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
     s.add_argument("--device", default="auto")

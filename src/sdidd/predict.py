@@ -87,12 +87,13 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
                 score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None,
                 skipped: Optional[list[dict[str, str]]] = None, image_ids: Optional[Sequence[int]] = None,
                 file_names: Optional[Sequence[str]] = None, category_ids: Optional[Mapping[str, int]] = None,
-                max_size_arg: Optional[int] = None) -> list[dict[str, Any]]:
+                max_size_arg: Optional[int] = None, agnostic: bool = False) -> list[dict[str, Any]]:
     """Detect on `inputs`, write drawn images, predictions.json and results.json to `out`; return per-image results.
 
     Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
     With `image_ids` and `file_names` (one per input file: a dataset's records) the results keep them, and
     `category_ids` (class name -> id) replaces channel + 1 as the category id. `max_size_arg` overrides the long-side cap.
+    `agnostic`: NMS across classes (one box per place, the best-scored class's) instead of per class.
     """
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
@@ -136,7 +137,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         try:
             batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
             with torch.no_grad():
-                dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr)
+                dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr, agnostic=agnostic)
         except (MemoryError, RuntimeError) as e:  # one huge image must not cost the others their detections
             if not is_out_of_memory(e):
                 raise
