@@ -182,3 +182,6 @@ def test_add_classes_replays_a_few_kept_old_images(exported: Path, base_model: P
     rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay-images", "3",
                       "--out", str(tmp_path / "r2")], capsys)
     assert rc == 2 and one_line(err) and "--replay-images needs --replay" in err
+    rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "incremental.replay_images=3",
+                      "--out", str(tmp_path / "r3")], capsys)
+    assert rc == 2 and one_line(err) and "--replay OLD.yaml" in err

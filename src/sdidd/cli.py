@@ -118,24 +118,23 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
     from .config import DATASET_KEYS, resolve
     from .engine.add_classes import run_add_classes
     from .engine.checkpoint import load_checkpoint
+    if a.replay_images is not None and a.replay is None:
+        raise SdiddError("--replay-images needs --replay OLD.yaml: the description of the kept old images")
     state = load_checkpoint(a.teacher)
     base = _recipe_of(dict(state.get("config", {})), DATASET_KEYS)
-    cfg = resolve(base, a.overrides, description=a.data)
-    if a.out or not any(o.split("=", 1)[0].strip() == "train.out_dir" for o in a.overrides):
-        cfg.train.out_dir = a.out or f"runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}"
+    overrides = list(a.overrides)  # the options are overrides too: the config is built once, from all of them
+    if a.out or not any(o.split("=", 1)[0].strip() == "train.out_dir" for o in overrides):
+        overrides.append(f"train.out_dir={a.out or f'runs/add_classes/{Path(a.data).resolve().parent.name}_{a.method}'}")
+    given = any(o.split("=", 1)[0].strip() == "incremental.replay_images" for o in overrides)
+    if a.replay_images is not None or (a.replay is not None and not given):
+        overrides.append(f"incremental.replay_images={20 if a.replay_images is None else a.replay_images}")
+    cfg = resolve(base, overrides, description=a.data)
     _join_torchrun(cfg)
 
     def described(path: Optional[str]) -> Optional["DataConfig"]:
         return None if path is None else resolve({"data": base["data"]}, description=path).data
-    if a.replay_images is not None:
-        cfg.incremental.replay_images = a.replay_images
-    if cfg.incremental.replay_images and a.replay is None:
-        raise SdiddError("--replay-images needs --replay OLD.yaml: the description of the kept old images")
-    replay = described(a.replay)
-    if replay is not None and not cfg.incremental.replay_images:
-        cfg.incremental.replay_images = 20
     run_add_classes(a.teacher, cfg, cfg.train.out_dir, a.method, test=described(a.test), old_test=described(a.old_test),
-                    replay=replay)
+                    replay=described(a.replay))
     return 0
 
 
@@ -143,7 +142,8 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
 # How the teacher's own step was run does not carry over: its method and distillation settings, a small-data cut,
 # a validation hold-out, its protocol and resume/overwrite choices all take their defaults unless given again.
 _STEP_ONLY = {"data": ("val_fraction",), "train": ("resume", "overwrite", "out_dir"),
-              "incremental": ("protocol", "groups", "method", "teacher", "start_step", "new_images")}
+              "incremental": ("protocol", "groups", "method", "teacher", "start_step", "new_images", "old_labels",
+                              "replay_images")}
 
 
 def _recipe_of(config: dict, dataset_keys: tuple[str, ...]) -> dict:

@@ -88,6 +88,9 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
                          "drop model.backbone (add-classes keeps the teacher's architecture)")
     data = load_run_data(cfg.data)
     old, new, labelled = plan_classes(state, data, teacher_path)
+    if cfg.incremental.replay_images and replay is None:
+        raise SdiddError(f"incremental.replay_images={cfg.incremental.replay_images}: give the kept old images with "
+                         "--replay OLD.yaml (add-classes replays no image of the new dataset)")
     if replay is not None and cfg.incremental.replay_images:
         kept = decode_once(load_split(replay, replay.train_split), replay)
         if not any(c in kept.classes for c in old):
