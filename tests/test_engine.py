@@ -17,7 +17,7 @@ from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.checkpoint import save_epoch
 from sdidd.engine.run_data import load_run_data
 from sdidd.engine.protocol import evaluated_on, step_specs
-from sdidd.engine.run_data import cut_new_images
+from sdidd.engine.run_data import channel_view, cut_new_images
 from sdidd.engine.schedule import step_schedule
 from sdidd.model.detector import build_detector
 from test_cli_errors import TINY, make_neu
@@ -173,3 +173,18 @@ def test_a_benchmark_parses_and_decodes_each_split_once(tmp_path: Path, monkeypa
     assert set(report["methods"]) == {"teacher", "finetune", "sdidd"}
     assert calls == {"load_split": 2, "inspect_image": 10, "read_image": 0}, calls
 
+
+
+def test_a_joint_step_of_the_small_data_protocol_keeps_every_old_box(tmp_path: Path) -> None:
+    """incremental.new_images cuts the added classes' images; joint training still sees every old-class box."""
+    cfg = _cfg(data={"dataset": "synthetic", "num_train_images": 60, "num_test_images": 2},
+               incremental={"new_images": 5})
+    data = load_run_data(cfg.data)
+    old, new = data.classes[:2], data.classes[2:]
+    joint = step_specs([old, new], "joint")[1]
+    step = build_step(cfg, joint, data, tmp_path / "j", None)
+    seen = step.loader.dataset.records
+    count = lambda recs, ids: sum(int(torch.isin(torch.as_tensor(r.labels), torch.tensor(ids)).sum()) for r in recs)  # noqa: E731
+    full = channel_view(data.train, joint.classes)
+    assert count(seen, [0, 1]) == count(full.records, [0, 1])  # old channels 0, 1: all their boxes
+    assert sum(bool(torch.isin(torch.as_tensor(r.labels), torch.tensor([2, 3])).any()) for r in seen) == 5
