@@ -43,11 +43,13 @@ def dscrd_loss(
         # 0 off the positives: the new classes' channels at new-class boxes (the paper's case); the old classes'
         # at old-class boxes (pseudo-labels or labelled old defects), where the new channels score ~0 and would
         # switch LD off.
-        score = student_cls.detach().sigmoid()
-        old_box = assignment.assigned_labels < new_slice.start
-        w_new = score[..., new_slice].amax(dim=-1)
-        w = torch.where(old_box, score[..., :new_slice.start].amax(dim=-1), w_new) if new_slice.start > 0 else w_new
-        w = w * pos.to(w.dtype)
+        # (sigmoid of each slice, not a slice of one sigmoid: a contiguous tensor takes another SIMD path, 1 ulp apart)
+        cls = student_cls.detach()
+        w_new = cls[..., new_slice].sigmoid().amax(dim=-1)
+        if new_slice.start > 0:
+            old_box = assignment.assigned_labels < new_slice.start
+            w_new = torch.where(old_box, cls[..., :new_slice.start].sigmoid().amax(dim=-1), w_new)
+        w = w_new * pos.to(student_cls.dtype)
     # One dense KL for every anchor; positives may also lie in the VLR (DIoU <= IoU). Masked anchors are
     # multiplied by an exact 0, which keeps the graph to the student with a zero gradient there.
     kl = distribution_kl(student_reg.reshape(-1, bins), teacher_reg.reshape(-1, bins), T)
