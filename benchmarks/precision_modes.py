@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
              "recipes' detector (tf_efficientnet_lite0, random init, FPN 128 ch, head 2 convs, 6 classes) on one random "
              f"batch; mean of {a.iters} steps, median of {a.rounds} interleaved rounds after 2 warm-up steps. One process, "
              "seed 0; ratios between rows move by about ±0.05 between runs.",
-             f"- Budget: every mode of a size and batch times the same number of steps ({a.iters} per round, "
-             f"{a.rounds} rounds, after the same warm-up) on the same batch; no training to convergence, so no epochs.",
+             f"- Budget: every row (mode) of a size and batch runs the same iterations: {a.iters} timed steps per round "
+             f"over {a.rounds} rounds after 2 warm-up steps in the first round and 1 in the others, i.e. "
+             f"{a.rounds * a.iters + 2 + (a.rounds - 1)} iterations per row (one fixed random batch, no dataset, so no "
+             "epochs); no training to convergence and no metric compared.",
+             "- Seeds: one process, seed 0 (random init and batch); it measures speed, not accuracy.",
              f"- Machine limit: a 2048³ matmul on the same threads reaches {peak['fp32']:.0f} GFLOP/s in fp32 and "
              f"{peak['bf16']:.0f} GFLOP/s in bf16.", ""]
     for size, batch in itertools.product(a.sizes, a.batches):

@@ -28,15 +28,16 @@ MODES = {"fp32": ("false", "false"), "bf16": ("true", "false"), "channels_last f
          "channels_last bf16": ("true", "true")}
 
 
-def run_mode(recipe: str, batch: int, mode: str, epochs: int, extra: list[str], work: Path) -> float:
-    """Images/s of the training loop of one `sdidd train` run in `mode`."""
+def run_mode(recipe: str, batch: int, mode: str, epochs: int, extra: list[str], work: Path) -> tuple[float, int]:
+    """(images/s of the training loop, iterations trained) of one `sdidd train` run in `mode`."""
     amp, cl = MODES[mode]
     out = work / f"{mode.replace(' ', '_')}_b{batch}_{len(list(work.iterdir()))}"
     cmd = [sys.executable, "-m", "sdidd.cli", "train", recipe, f"train.out_dir={out}", f"train.epochs={epochs}",
            f"train.milestones=[{epochs}]", "train.min_iters=0", f"train.batch_size={batch}", f"train.amp={amp}",
            f"train.channels_last={cl}", "train.progress=false", "train.keep_checkpoints=0", *extra]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return float(json.loads((out / "metrics.json").read_text())["stats"]["images_per_second"])
+    stats = json.loads((out / "metrics.json").read_text())["stats"]
+    return float(stats["images_per_second"]), int(stats["iterations"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     modes = list(MODES)
     speed: dict[tuple[int, str], list[float]] = {}
+    iters: dict[tuple[int, str], int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate: no mode always runs first
             for batch in a.batches:
                 for mode in order:
-                    v = run_mode(a.recipe, batch, mode, a.epochs, a.overrides, Path(tmp))
+                    v, iters[(batch, mode)] = run_mode(a.recipe, batch, mode, a.epochs, a.overrides, Path(tmp))
                     speed.setdefault((batch, mode), []).append(v)
                     print(f"round {r + 1}, batch {batch}, {mode}: {v:.2f} img/s", flush=True)
     lines = [f"# Training loop speed per precision and memory format: `{a.recipe}`", "",
@@ -65,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
              f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: `sdidd train {a.recipe}` for {a.epochs} epoch(s) per run (data loading, augmentation, loss, "
              f"backward, SGD; evaluation excluded), one process per run, {a.rounds} rounds in rotated mode order; "
-             "images/s of the training loop from metrics.json, median over rounds (each round's value in brackets).", ""]
+             "images/s of the training loop from metrics.json, median over rounds (each round's value in brackets).",
+             "- Seeds and budget: every run uses the recipe's seed (train.seed) and trains the same epochs on the same "
+             "images, so every mode of a batch size runs the same iterations (in the table); this measures speed, not "
+             "accuracy, and no metric of these short runs is compared.", ""]
     for batch in a.batches:
         base = statistics.median(speed[(batch, "fp32")])
-        lines += [f"## batch {batch}", "", "| mode | train images/s | speed vs fp32 |", "|---|---|---|"]
+        lines += [f"## batch {batch}", "", "| mode | epochs / iterations per run | train images/s | speed vs fp32 |",
+                  "|---|---|---|---|"]
         for mode in modes:
             v = speed[(batch, mode)]
-            lines.append(f"| {mode} | {statistics.median(v):.2f} ({', '.join(f'{x:.1f}' for x in v)}) | "
-                         f"{statistics.median(v) / base:.2f} |")
+            lines.append(f"| {mode} | {a.epochs} / {iters[(batch, mode)]} | {statistics.median(v):.2f} "
+                         f"({', '.join(f'{x:.1f}' for x in v)}) | {statistics.median(v) / base:.2f} |")
         lines.append("")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines))

@@ -56,3 +56,15 @@ def test_eval_modes_writes_report(tmp_path):
     _run("eval_modes.py", str(tmp_path / "run" / "last.pth"), "--rounds", "1", "--out", str(out))
     text = out.read_text()
     assert "| mAP50 fp32 | mAP50 bf16 |" in text and "last.pth" in text
+
+
+@pytest.mark.slow
+def test_train_modes_writes_report_with_each_rows_budget(tmp_path):
+    out = tmp_path / "modes.md"
+    _run("train_modes.py", "--recipe", "synthetic_quick", "--batches", "4", "--rounds", "1", "--out", str(out),
+         "data.num_train_images=8", "data.num_test_images=4", "data.train_sizes=[64]", "data.test_size=64",
+         "data.max_size=64", "model.pretrained=false")
+    text = out.read_text()
+    for row in ("| fp32 | 1 / 2 |", "| bf16 | 1 / 2 |", "| channels_last fp32 | 1 / 2 |", "| channels_last bf16 | 1 / 2 |"):
+        assert row in text, row
+    assert "Seeds and budget" in text
