@@ -36,7 +36,8 @@ def choose_replay(dataset: DetectionDataset, old_channels: int, n: int, seed: in
     chosen: list[int] = []
     for c in range(old_channels):
         have = sum(c in holds[i] for i in chosen)
-        candidates = [i for i, h in enumerate(holds) if c in h and i not in chosen]
+        taken = set(chosen)
+        candidates = [i for i, h in enumerate(holds) if c in h and i not in taken]
         take = min(max(n - have, 0), len(candidates))
         if take:
             chosen += sorted(rng.choice(candidates, take, replace=False).tolist())
@@ -58,9 +59,8 @@ def with_replay(train_set: DetectionDataset, old_data: DetectionDataset, old_cha
     merged = train_set.with_records(list(train_set.records) + picked)
     if old_data.pixels is not train_set.pixels:  # another dataset (add-classes --replay): both pixel caches
         merged.pixels = {**train_set.pixels, **old_data.pixels}
-    counts = np.bincount(np.concatenate([r.labels for r in picked]), minlength=old_channels)[:old_channels]
-    log.info(f"replay: {len(picked)} old images ({n} per old class, seed {seed}) with {int(counts.sum())} old-class "
-             f"boxes join the step's {len(train_set)} images")
+    log.info(f"replay: {len(picked)} old images ({n} per old class, seed {seed}) with {sum(len(r.labels) for r in picked)} "
+             f"old-class boxes join the step's {len(train_set)} images")
     return merged, frozenset(r.image_id for r in picked)
 
 

@@ -66,8 +66,9 @@ def step_schedule(cfg: Config, with_teacher: bool, iters_per_epoch: Optional[int
     total = t.min_iters
     decay = tuple(sorted({max(1, round(m / epochs * total)) for m in milestones}))
     stretched = math.ceil(total / max(iters_per_epoch, 1))
-    return Schedule(stretched, lr, tuple(sorted({max(1, math.ceil(i / max(iters_per_epoch, 1))) for i in decay})),
-                    t.warmup_iters, t.warmup_ratio, t.gamma, recipe_epochs=epochs, total_iters=total, milestone_iters=decay)
+    # Decay epochs do not apply: the step decays at iterations (milestone_iters).
+    return Schedule(stretched, lr, (), t.warmup_iters, t.warmup_ratio, t.gamma, recipe_epochs=epochs, total_iters=total,
+                    milestone_iters=decay)
 
 
 def iterations(schedule: Schedule, iters_per_epoch: int) -> int:
