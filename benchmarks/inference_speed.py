@@ -50,9 +50,12 @@ def _models(a: argparse.Namespace) -> list[tuple[str, GFL]]:
     return out
 
 
-def _images_per_second(model: GFL, batch: int, size: int, iters: int, warmup: int, device: torch.device, amp: bool) -> float:
+def _images_per_second(model: GFL, batch: int, size: int, iters: int, warmup: int, device: torch.device, amp: bool,
+                       channels_last: bool = False) -> float:
     """Mean images/s of `model.predict` on one fixed batch, after `warmup` calls."""
     images = (torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     sizes = [(size, size)] * batch
 
     def step() -> None:
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA, and CPUs with native bf16)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights")
     p.add_argument("--out", default=None, help="Markdown path (default docs/results/inference_speed_<device>.md)")
     a = p.parse_args(argv)
     if a.threads:
@@ -86,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for desc, model in _models(a):
         model = model.to(device).eval()
+        if a.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         for b in batches:
-            ips = _images_per_second(model, b, a.size, a.iters, a.warmup, device, amp_enabled(a.amp, device))
+            ips = _images_per_second(model, b, a.size, a.iters, a.warmup, device, amp_enabled(a.amp, device),
+                                     a.channels_last)
             rows.append((desc, b, ips))
             print(f"{desc}, batch {b}: {ips:.2f} img/s ({1000 * b / ips:.1f} ms/batch)")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- Machine: {machine}; torch {torch.__version__}; Python {platform.python_version()}",
              f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.size}x{a.size} px, `GFL.predict` (forward + decoding + score filter + class-aware NMS), "
-             f"{'bf16 autocast' if amp_enabled(a.amp, device) else 'fp32'}, mean of {a.iters} calls after {a.warmup} warm-up; "
+             f"{'bf16 autocast' if amp_enabled(a.amp, device) else 'fp32'}{', channels_last' if a.channels_last else ''}, mean of {a.iters} calls after {a.warmup} warm-up; "
              "no image decoding or resizing",
              "", "| model | batch | images/s | ms/batch |", "|---|---|---|---|"]
     lines += [f"| {d} | {b} | {v:.2f} | {1000 * b / v:.1f} |" for d, b, v in rows]

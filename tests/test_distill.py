@@ -20,6 +20,7 @@ from sdidd.distill import (
     kd_mismatch_loss,
 )
 from sdidd.config import DistillConfig, LossConfig
+from sdidd.errors import SdiddError
 from sdidd.engine.objective import step_loss
 from sdidd.model.anchors import make_anchor_grid
 from sdidd.model.assigner import anchor_boxes, assign_targets, atss_assign, finegrained_mask, vlr_region
@@ -668,3 +669,35 @@ def test_every_term_of_the_table_runs_alone_and_is_what_switches_the_teachers_fo
         _, log = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)
         added = set(log) - {"loss", "loss_qfl", "loss_giou", "loss_dfl", "n_pos"}
         assert added and any(k.startswith("loss_") for k in added), name
+
+
+def test_a_new_term_is_its_function_plus_one_table_entry_switched_on_by_its_name(monkeypatch):
+    """Adding a term = a loss function + one TERMS entry: `distill.terms` turns it on, with its weight, for any method."""
+    from sdidd.config import config_from_dict
+    from sdidd.distill import terms
+    from sdidd.methods import resolved_distill, uses_teacher
+
+    def global_feature_loss(x):  # the "new module": the student's FPN features pulled to the teacher's everywhere
+        loss = sum(((s - t.detach()) ** 2).mean() for s, t in zip(x.student.feats, x.teacher.feats))
+        return {"global_feature": x.weight("global_feature") * loss}, {}
+
+    monkeypatch.setitem(terms.TERMS, "global_feature", terms.Term("FPN features everywhere", None, global_feature_loss))
+    off = dict(hccd=False, erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.0)
+    s, t, boxes, labels, sizes = _step_inputs()
+    assert not uses_teacher(DistillConfig(**off))
+    logs = {}
+    for w in (0.5, 1.0):
+        cfg = DistillConfig(**off, terms={"global_feature": w})
+        assert uses_teacher(cfg)  # the teacher's forward follows the term
+        _, logs[w] = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)
+    assert float(logs[0.5]["loss_global_feature"]) > 0
+    assert float(logs[1.0]["loss_global_feature"]) == pytest.approx(2 * float(logs[0.5]["loss_global_feature"]))
+    # a finetune run (no distillation of its own) with the term named in its config runs it; a typo is one line
+    cfg = config_from_dict({"incremental": {"method": "finetune"}, "distill": {"terms": {"global_feature": 0.5}}})
+    assert uses_teacher(resolved_distill(cfg, "finetune"))
+    with pytest.raises(SdiddError, match="distill.terms.global_featur.*not a term"):
+        config_from_dict({"distill": {"terms": {"global_featur": 0.5}}})
+    with pytest.raises(SdiddError, match="distill.terms.hccd.*switch of its own"):
+        config_from_dict({"distill": {"terms": {"hccd": 0.5}}})
+    with pytest.raises(SdiddError, match="distill.terms.*expected a mapping"):
+        config_from_dict({"distill": {"terms": 0.5}})

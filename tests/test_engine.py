@@ -11,7 +11,7 @@ import sdidd.data.check as check_mod
 import sdidd.data.records as records_mod
 import sdidd.engine.run_data as run_data
 from sdidd.benchmark import run_benchmark
-from sdidd.config import config_from_dict
+from sdidd.config import config_from_dict, replaced
 from sdidd.errors import SdiddError
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.checkpoint import save_epoch
@@ -32,12 +32,29 @@ def _cfg(**sections: dict) -> "object":
     return config_from_dict(data)
 
 
+def test_a_config_is_frozen_and_what_a_run_derives_is_not_written_back() -> None:
+    """Configs change only into new ones (`replaced`, validated); the image size chosen from the data lives on RunData."""
+    import dataclasses
+    cfg = config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 6, "num_test_images": 2}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.seed = 1  # type: ignore[misc]
+    other = replaced(cfg, {"train.seed": 3, "distill.hccd": False})
+    assert (cfg.train.seed, cfg.distill.hccd, other.train.seed, other.distill.hccd) == (0, None, 3, False)
+    with pytest.raises(SdiddError, match="train.batch_size"):
+        replaced(cfg, {"train.batch_size": 0})
+    data = load_run_data(cfg.data)  # the recipe leaves the sizes to the data
+    assert (cfg.data.train_sizes, cfg.data.test_size) == ([], 0) and data.test_size > 0
+    sized = data.sized(cfg)
+    assert (sized.data.train_sizes, sized.data.test_size) == (data.train_sizes, data.test_size)
+    assert sized.data.dataset == cfg.data.dataset and data.sized(sized) is sized
+
+
 def test_schedule_rule_for_base_and_incremental_steps() -> None:
     cfg = _cfg(train={"epochs": 12, "lr": 0.01, "milestones": [8, 11]}, incremental={"epochs": 6, "lr": 0.003})
     base, inc = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
     assert (base.epochs, base.lr, base.milestones) == (12, 0.01, (8, 11))
     assert (inc.epochs, inc.lr, inc.milestones) == (6, 0.003, (8, 11))  # no incremental.milestones: train's
-    cfg.incremental.milestones = [4]
+    cfg = replaced(cfg, {"incremental.milestones": [4]})
     assert step_schedule(cfg, with_teacher=True).milestones == (4,)
     # Warmup is linear over iterations, decay counts epochs.
     assert base.factor(0, 10) == pytest.approx(cfg.train.warmup_ratio)
@@ -55,7 +72,7 @@ def test_schedule_stretches_a_small_step_to_min_iters_and_leaves_a_full_one_as_t
     assert small.factor(374, 12) == pytest.approx(1.0) and small.factor(375, 12) == pytest.approx(0.1)
     # Steps of different sizes get the same budget (teacher 992 images, joint 1,000 on DeepPCB at batch 8: both 500).
     assert step_schedule(cfg, False, iters_per_epoch=62).total_iters == step_schedule(cfg, False, iters_per_epoch=61).total_iters
-    cfg.train.min_iters = 0  # off: the recipe's epochs
+    cfg = replaced(cfg, {"train.min_iters": 0})  # off: the recipe's epochs
     raw = step_schedule(cfg, with_teacher=False, iters_per_epoch=12)
     assert (raw.epochs, raw.milestones, raw.warmup_iters) == (8, (6, 7), 100)
 

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from sdidd.cli import setup_logging
-from sdidd.config import DataConfig, config_from_dict, load_config
+from sdidd.config import DataConfig, config_from_dict, load_config, replaced
 from sdidd.data.check import check_dataset
 from sdidd.data.description import load_description
 from sdidd.data.formats import load_described_split
@@ -316,23 +316,21 @@ def test_image_size_from_the_data_rounded_capped_and_warned(capsys: pytest.Captu
     recs = [Record(i + 1, f"im{i}.png", w, h) for i, (w, h) in enumerate([(500, 300), (520, 310), (900, 330)])]
     cfg = DataConfig(max_size=1024)
     capsys.readouterr()
-    reason = choose_image_size(cfg, recs)
+    train_sizes, test_size, reason = choose_image_size(cfg, recs)
     out = capsys.readouterr().out
-    assert cfg.test_size == 320 and cfg.train_sizes == [320]  # median short side 310 -> stride 32
+    assert test_size == 320 and train_sizes == [320]  # median short side 310 -> stride 32
     assert "from the data" in reason and "image size: short side 320" in out and "warning" not in out
 
     cfg = DataConfig(max_size=160)  # capped by the recipe's max, and 520 px wide -> 160: below a third
-    choose_image_size(cfg, recs)
+    test_size = choose_image_size(cfg, recs)[1]
     out = capsys.readouterr().out
-    assert cfg.test_size == 160 and "capped by data.max_size 160" in out
+    assert test_size == 160 and "capped by data.max_size 160" in out
     assert "3 of 3 images shrink below a third" in out and "im2.png: 900x330" in out
 
     cfg = DataConfig(train_sizes=[96], test_size=128, max_size=200)  # a recipe's sizes stay exactly as given
-    assert choose_image_size(cfg, recs) == "set by the recipe"
-    assert (cfg.train_sizes, cfg.test_size, cfg.max_size) == ([96], 128, 200)
+    assert choose_image_size(cfg, recs) == ([96], 128, "set by the recipe") and cfg.max_size == 200
     cfg = DataConfig(test_size=96)  # one set: the other is the old default
-    choose_image_size(cfg, [])
-    assert cfg.train_sizes == [160] and cfg.test_size == 96
+    assert choose_image_size(cfg, [])[:2] == ([160], 96)
 
 
 def test_packaged_recipes_keep_their_sizes() -> None:
@@ -340,8 +338,7 @@ def test_packaged_recipes_keep_their_sizes() -> None:
         cfg = load_config(name)
         assert cfg.data.test_size == size and cfg.data.train_sizes == [size] and cfg.data.max_size == size
         before = (list(cfg.data.train_sizes), cfg.data.test_size)
-        choose_image_size(cfg.data, [Record(1, "x", 640, 640)])
-        assert (cfg.data.train_sizes, cfg.data.test_size) == before
+        assert choose_image_size(cfg.data, [Record(1, "x", 640, 640)])[:2] == before
 
 
 def test_unset_sizes_are_validated_and_one_set_keeps_the_old_check(capsys: pytest.CaptureFixture) -> None:
@@ -384,9 +381,9 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sdidd.engine.checkpoint import save_checkpoint
     from sdidd.model import detector as det_mod
     torch.manual_seed(0)
-    cfg = Config()
-    cfg.data.test_size, cfg.data.max_size, cfg.data.train_sizes = 64, 64, [64]
-    cfg.model.pretrained, cfg.model.fpn_channels, cfg.model.head_channels, cfg.model.head_convs = False, 16, 16, 1
+    cfg = replaced(Config(), {"data.test_size": 64, "data.max_size": 64, "data.train_sizes": [64],
+                              "model.pretrained": False, "model.fpn_channels": 16, "model.head_channels": 16,
+                              "model.head_convs": 1})
     model = det_mod.build_detector(detector_config(cfg, 2))
     with torch.no_grad():
         nn.init.normal_(model.head.gfl_cls.weight, std=0.1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdidd.config import DistillConfig, LossConfig, config_from_dict
+from sdidd.config import DistillConfig, LossConfig, config_from_dict, replaced
 from sdidd.distill import new_class_positives, new_teacher_loss
 from sdidd.engine.build import StepSpec, build_step
 from sdidd.engine.checkpoint import load_checkpoint
@@ -78,7 +78,7 @@ def _tiny(tmp_path: Path, **distill) -> tuple:
 
 def test_a_fine_tuned_new_teacher_is_trained_once_reused_and_costed(tmp_path: Path) -> None:
     cfg, data, base = _tiny(tmp_path, new_teacher="finetune", pseudo_labels=False)
-    cfg.train.resume = True  # as the benchmark runs: finished stages are reused
+    cfg = replaced(cfg, {"train.resume": True})  # as the benchmark runs: finished stages are reused
     spec = step_specs([data.classes[:2], data.classes[2:]], "sdidd+")[1]
     # The benchmark's finetune run of the same step serves as the new teacher: trained by its own config first.
     ft = run_steps(cfg, data, [StepSpec(spec.classes, spec.new_classes, "finetune", 1)], lambda s: tmp_path / "finetune",
@@ -102,15 +102,15 @@ def _no_training(*a: object) -> None:
 def test_a_new_teacher_checkpoint_must_know_the_new_classes(tmp_path: Path) -> None:
     cfg, data, base = _tiny(tmp_path, pseudo_labels=False)
     spec = StepSpec(data.classes, data.classes[2:], "sdidd+", 1)
-    cfg.distill.new_teacher = str(base.checkpoint)  # knows only the old classes
-    step = build_step(cfg, spec, data, tmp_path / "s", base.model)
+    step = build_step(replaced(cfg, {"distill.new_teacher": str(base.checkpoint)}),  # knows only the old classes
+                       spec, data, tmp_path / "s", base.model)
     with pytest.raises(SdiddError, match=r"base/last.pth: cannot be the new-class teacher, it does not know "):
         attach_new_teacher(step, base.model, tmp_path / "unused", train=_no_training)
     assert not (tmp_path / "unused").exists()  # nothing was trained
     # A model that knows them (here: all four classes, in another order) distils them from its own channels.
     order = [data.classes[3], data.classes[0], data.classes[2], data.classes[1]]
     other = train_step(cfg, StepSpec(order, order, "joint", 0), tmp_path / "other", data)
-    cfg.distill.new_teacher = str(other.checkpoint)
+    step.cfg = replaced(cfg, {"distill.new_teacher": str(other.checkpoint)})
     attach_new_teacher(step, base.model, tmp_path / "unused", train=_no_training)
     assert step.new_channels.tolist() == [2, 0] and step.new_teacher is not None
     assert not any(p.requires_grad for p in step.new_teacher.parameters())

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import real_data_root
 from sdidd.cli import main
-from sdidd.config import Config
+from sdidd.config import Config, replaced
 from sdidd.data.records import read_image
 from sdidd.data.transforms import EvalTransform
 from sdidd.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -35,9 +35,9 @@ SCORE_ATOL, BOX_ATOL = 1e-4, 1e-2  # ONNX vs PyTorch: sigmoid scores, and boxes 
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-init checkpoint with the fields the trainer writes (optimizer state aside)."""
     torch.manual_seed(0)
-    cfg = Config()
-    cfg.data.test_size, cfg.data.max_size, cfg.data.train_sizes = TEST_SIZE, MAX_SIZE, [TEST_SIZE]
-    cfg.model.pretrained, cfg.model.fpn_channels, cfg.model.head_channels, cfg.model.head_convs = False, 32, 32, 1
+    cfg = replaced(Config(), {"data.test_size": TEST_SIZE, "data.max_size": MAX_SIZE, "data.train_sizes": [TEST_SIZE],
+                              "model.pretrained": False, "model.fpn_channels": 32, "model.head_channels": 32,
+                              "model.head_convs": 1})
     model = det_mod.build_detector(detector_config(cfg, len(CLASSES)))
     # A fresh head scores every anchor at its 0.01 prior and draws same-size boxes: spread both so there is something to match.
     with torch.no_grad():

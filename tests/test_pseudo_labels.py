@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sdidd.engine.pseudo_labels as pl
-from sdidd.config import config_from_dict
+from sdidd.config import config_from_dict, replaced
 from sdidd.methods import resolved_distill
 from sdidd.data import DetectionDataset, Record
 from sdidd.engine.build import StepSpec, build_step, detector_config
@@ -57,7 +57,7 @@ def test_sdidd_plus_step_trains_every_channel_on_gt_plus_pseudo_labels(tmp_path:
     first = next(r for r in data.train.records if np.isin(r.labels, [2, 3]).any())
     fake = {first.image_id: _dets([[1, 1, 9, 9], [2, 2, 8, 8]], [0.9, 0.3], [1, 1])}  # mean 0.6 + 0.2 std-> thr 0.6 (k=1)
     monkeypatch.setattr(pl, "teacher_detections", lambda *a, **k: fake)
-    cfg.distill.pseudo_sigmas = 1.0
+    cfg = replaced(cfg, {"distill.pseudo_sigmas": 1.0})
     step = build_step(cfg, StepSpec(old + new, new, "sdidd+", 1), data, tmp_path, teacher)
     assert step.trained.all()
     got = next(r for r in step.loader.dataset.records if r.image_id == first.image_id)

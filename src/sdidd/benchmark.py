@@ -1,7 +1,6 @@
 """One run, one table: the base teacher trained once, then joint / finetune / ERD / SD-IDD (+ ablations) from it."""
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import logging
@@ -16,7 +15,7 @@ import torch
 
 from .config import Config
 from .engine import distributed as dist
-from .config import protocol_groups
+from .config import protocol_groups, replaced
 from .engine.build import StepSpec
 from .engine.protocol import run_steps, step_specs
 from .engine.run_data import RunData, channel_view, load_run_data
@@ -83,10 +82,9 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     With several `seeds` each seed runs the whole protocol (its own teacher) in `<out_dir>/seed<N>` and the
     report gives mean ± sample standard deviation over the seeds, with every seed's numbers in `per_seed`.
     """
-    cfg = copy.deepcopy(cfg)
-    cfg.train.resume = True  # finished stages are reused, interrupted ones continue
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     data = load_run_data(cfg.data)  # parsed, checked and decoded once for every seed, teacher and method
+    cfg = replaced(data.sized(cfg), {"train.resume": True})  # finished stages are reused, interrupted ones continue
     groups = protocol_groups(cfg, data.classes)
     protocol = cfg.incremental.protocol or "+".join(str(len(g)) for g in groups)
     small = f"_new{cfg.incremental.new_images}" if cfg.incremental.new_images else ""
@@ -94,12 +92,11 @@ def run_benchmark(cfg: Config, methods: list[str], out_dir: str | Path, results_
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     seeds = list(seeds) if seeds else [cfg.train.seed]
     if len(seeds) == 1:
-        cfg.train.seed = seeds[0]
+        cfg = replaced(cfg, {"train.seed": seeds[0]})
         return _run_seed(cfg, methods, data, groups, protocol, profile, command, out_dir, results_dir, tag)
     reports: list[dict[str, Any]] = []
     for seed in seeds:
-        scfg = copy.deepcopy(cfg)
-        scfg.train.seed = seed
+        scfg = replaced(cfg, {"train.seed": seed})
         seed_dir = out_dir / f"seed{seed}"
         reports.append(_run_seed(scfg, methods, data, groups, protocol, profile, command, seed_dir, seed_dir, tag))
         if dist.is_main():

@@ -28,8 +28,7 @@ def _run_config(a: argparse.Namespace) -> "Config":
         a.overrides, a.config = [a.config, *a.overrides], DEFAULT_RECIPE
     cfg = load_config(a.config, a.overrides)
     select_device(cfg.train.device)  # an unavailable device is said now, not after the data has loaded
-    _join_torchrun(cfg)
-    return cfg
+    return _join_torchrun(cfg)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -52,11 +51,13 @@ def _checkpoint_config(state: dict, overrides: list[str], command: str) -> "Conf
     return resolve(dict(state.get("config") or {}), overrides, sections=("data", "train"), command=command)
 
 
-def _join_torchrun(cfg: "Config") -> None:
-    """Join torchrun's process group when launched by it; this rank then trains on its own device."""
+def _join_torchrun(cfg: "Config") -> "Config":
+    """Join torchrun's process group when launched by it; returns the config of this rank (its own device)."""
+    from .config import replaced
     from .engine import distributed as dist
     dist.init_from_env(cfg.train.device)
-    cfg.train.device = dist.device_for_rank(cfg.train.device)
+    device = dist.device_for_rank(cfg.train.device)
+    return cfg if device == cfg.train.device else replaced(cfg, {"train.device": device})
 
 
 def _default_eval_split(d: "DataConfig") -> str:
@@ -77,10 +78,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import coco_results, save_coco_results, save_result_json
     state = load_checkpoint(a.checkpoint)
     cfg = _checkpoint_config(state, a.overrides, "eval")
-    if a.data:
-        cfg.data.dataset = a.data
-    if a.root:
-        cfg.data.root = a.root
+    if a.data or a.root:
+        from .config import replaced
+        cfg = replaced(cfg, {**({"data.dataset": a.data} if a.data else {}), **({"data.root": a.root} if a.root else {})})
     split_name = a.split or _default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = model_from_checkpoint(state, device)
@@ -129,7 +129,7 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
     if a.replay_images is not None or (a.replay is not None and not given):
         overrides.append(f"incremental.replay_images={20 if a.replay_images is None else a.replay_images}")
     cfg = resolve(base, overrides, description=a.data)
-    _join_torchrun(cfg)
+    cfg = _join_torchrun(cfg)
 
     def described(path: Optional[str]) -> Optional["DataConfig"]:
         return None if path is None else resolve({"data": base["data"]}, description=path).data
@@ -174,7 +174,7 @@ def _cmd_benchmark(a: argparse.Namespace) -> int:
     if a.dataset not in ("neu-det", "deeppcb", "synthetic"):
         overrides += ["data.dataset=coco"]
     cfg = load_config(config, overrides)
-    _join_torchrun(cfg)
+    cfg = _join_torchrun(cfg)
     command = "sdidd " + " ".join(sys.argv[1:])
     small = f"_new{cfg.incremental.new_images}" if cfg.incremental.new_images else ""  # the small-data protocol's own runs
     run_benchmark(cfg, parse_methods(a.methods), a.out or f"runs/benchmark/{a.dataset}_{a.protocol}_{a.profile}{small}",

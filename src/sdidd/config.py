@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import yaml
 
@@ -16,7 +16,7 @@ from .methods import ENGINE_METHODS
 from .yaml_file import load_yaml, parse_yaml
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Which images and how they are resized."""
 
@@ -56,7 +56,7 @@ class DataConfig:
     device_transforms: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Detector architecture."""
 
@@ -69,7 +69,7 @@ class ModelConfig:
     norm_eval: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule and run settings."""
 
@@ -106,7 +106,7 @@ class TrainConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """Detection loss weights (GFL)."""
 
@@ -115,7 +115,7 @@ class LossConfig:
     dfl: float = 0.25
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     """Distillation switches and weights. A switch left at None takes the method's default."""
 
@@ -149,6 +149,9 @@ class DistillConfig:
     new_teacher_weight: float = 1.0  # weight of its classification term (its box term uses ld_weight)
     kd_mismatch: bool = False  # True: the released loss_kd (new-class student vs old-class teacher logits)
     kd_weight: float = 0.25
+    # Terms of distill/terms.py without a switch of their own above (a term you add), by name with their weight:
+    # e.g. distill.terms={global_feature: 0.5}. The term runs when named here; a method turns it on in METHODS.
+    terms: dict[str, float] = field(default_factory=dict)
     temperature: float = 10.0
     # The released code sums ERD-cls/box and LD terms over the images of its batch of 2, so their weight
     # against the (batch-normalised) detection loss grew with the batch size. They are scaled by
@@ -156,7 +159,7 @@ class DistillConfig:
     release_batch: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class IncrementalConfig:
     """Class-incremental protocol: ordered class groups and the method of the incremental steps."""
 
@@ -179,7 +182,7 @@ class IncrementalConfig:
     replay_images: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -218,6 +221,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except SdiddError as e:
                 errors.append(str(e))
         raise SdiddError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {shown(value)}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise SdiddError(f"config key '{key}': expected a mapping, got {shown(value)}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool) and typing.get_origin(inner) is None:
@@ -317,6 +325,21 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def replaced(cfg: Config, changes: Mapping[str, Any]) -> Config:
+    """A new, validated Config: `cfg` with dotted keys changed (`{"train.seed": 1}`); `cfg` itself never changes."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    new = dataclasses.replace(cfg, **top, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
+    validate(new)
+    return new
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -460,6 +483,13 @@ def validate(cfg: Config) -> None:
     need(0.0 < cfg.distill.pseudo_overlap_iou <= 1.0, "distill.pseudo_overlap_iou", "must be in (0, 1]")
     need(cfg.distill.new_teacher is None or (isinstance(cfg.distill.new_teacher, str) and cfg.distill.new_teacher.strip() != ""),
          "distill.new_teacher", "must be 'finetune', a checkpoint path, or null")
+    if cfg.distill.terms:  # named terms must exist (the table needs torch: read only when some are named)
+        from .distill.terms import TERMS, switched_by_name
+        for name, w in cfg.distill.terms.items():
+            need(name in TERMS, f"distill.terms.{name}", f"is not a term of distill/terms.py (known: {', '.join(TERMS)})")
+            need(name not in TERMS or switched_by_name(TERMS[name]), f"distill.terms.{name}",
+                 "has a switch of its own: set distill.<its switch> and its weight instead")
+            need(w >= 0, f"distill.terms.{name}", "must be >= 0")
     for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature", "pseudo_sigmas",
               "new_teacher_weight"):
         need(getattr(cfg.distill, k) >= 0, f"distill.{k}", "must be >= 0")

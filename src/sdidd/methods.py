@@ -102,11 +102,11 @@ def resolved_distill(cfg: "Config", name: str) -> "DistillConfig":
     if entry.variant_of is not None:
         raise SdiddError(f"method {shown(name)} is a benchmark variant of {entry.variant_of}: run it through "
                          f"variant_config (or incremental.method={entry.variant_of} with its distill.* settings)")
-    d = dataclasses.replace(cfg.distill)
-    for k, v in entry.distill.items():
-        if getattr(d, k) is None:
-            setattr(d, k, v)
-    return d
+    d = cfg.distill
+    defaults = {k: v for k, v in entry.distill.items() if k != "terms" and getattr(d, k) is None}
+    # terms switched on by name: the method's, then the config's weights over them
+    terms = {**entry.distill.get("terms", {}), **d.terms}
+    return dataclasses.replace(d, **defaults, terms=terms)
 
 
 def qfl_weight(cfg: "Config", name: str) -> float:
@@ -124,14 +124,9 @@ def uses_teacher(d: "DistillConfig") -> bool:
 
 def variant_config(cfg: "Config", name: str) -> tuple["Config", str]:
     """(the config of method `name`, the engine method it runs as): a variant's distill and incremental settings on a copy."""
-    import copy
     entry = method(name)
-    c = copy.deepcopy(cfg)
-    if entry.variant_of is not None:
-        for k, v in entry.distill.items():
-            setattr(c.distill, k, v)
-        for k, v in entry.incremental.items():
-            setattr(c.incremental, k, v)
     base = entry.variant_of or name
-    c.incremental.method = base
-    return c, base
+    variant = entry.variant_of is not None  # a variant's settings are this table's own, valid by construction
+    distill = dataclasses.replace(cfg.distill, **entry.distill) if variant else cfg.distill
+    incremental = dataclasses.replace(cfg.incremental, **(entry.incremental if variant else {}), method=base)
+    return dataclasses.replace(cfg, distill=distill, incremental=incremental), base

@@ -53,18 +53,17 @@ def shrink_warning(records: Sequence[Record], short_size: int, max_size: int) ->
             "may vanish: set data.test_size, data.train_sizes and data.max_size to keep them")
 
 
-def choose_image_size(cfg: Any, records: Sequence[Record]) -> str:
-    """Fill `cfg.train_sizes` / `cfg.test_size` (a DataConfig) when unset, log the size and its reason; returns the reason."""
+def choose_image_size(cfg: Any, records: Sequence[Record]) -> tuple[list[int], int, str]:
+    """(training sizes, test size, reason): a DataConfig's sizes, or from the data when it leaves them unset; logged."""
     if cfg.train_sizes or cfg.test_size:
-        cfg.train_sizes = list(cfg.train_sizes) or [DEFAULT_SIZE]
-        cfg.test_size = int(cfg.test_size) or DEFAULT_SIZE
+        train_sizes, test_size = list(cfg.train_sizes) or [DEFAULT_SIZE], int(cfg.test_size) or DEFAULT_SIZE
         reason = "set by the recipe"
     else:
         size, reason = size_from_records(records, cfg.max_size)
-        cfg.train_sizes, cfg.test_size = [size], size
-    log.info(f"image size: short side {cfg.test_size} (training {', '.join(map(str, cfg.train_sizes))}), "
+        train_sizes, test_size = [size], size
+    log.info(f"image size: short side {test_size} (training {', '.join(map(str, train_sizes))}), "
              f"long side <= {cfg.max_size} ({reason})")
-    warning = shrink_warning(records, cfg.test_size, cfg.max_size)
+    warning = shrink_warning(records, test_size, cfg.max_size)
     if warning:
         log.warning(warning)
-    return reason
+    return train_sizes, test_size, reason

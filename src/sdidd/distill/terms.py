@@ -4,7 +4,8 @@ A term is an entry of :data:`TERMS` (a dict of frozen dataclasses, in the order 
 objective (``engine/objective.py``) builds the step's shared :class:`TermInputs` once (fp32 outputs, the ATSS
 assignment, HCCD's selection) and runs each entry whose switch is on; the trainer runs a teacher's forward
 only when an enabled term reads it (:func:`reads_teacher`). A new term is its loss module plus one entry here
-(and its switch and weight in ``DistillConfig``, which the methods of ``methods.py`` turn on).
+with no switch (``enabled=None``): it runs when ``distill.terms`` names it, with the weight given there
+(:meth:`TermInputs.weight`), from the command line (``distill.terms={name: 0.5}``) or a method of ``methods.py``.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ class TermInputs:
     new_teacher: Optional[DenseOutput] = None  # a model of the new classes (distill.new_teacher), its outputs
     new_channels: Optional[Tensor] = None  # [N] its channels of the step's new classes
 
+    def weight(self, name: str) -> float:
+        """The weight `distill.terms` gives term `name` (a term switched on by its name)."""
+        return self.cfg.terms[name]
+
     @property
     def num_old(self) -> int:
         """Channels the old teacher knows."""
@@ -61,9 +66,21 @@ class Term:
     """One distillation term: when it runs, whether it needs the new-class teacher, and its computation."""
 
     summary: str
-    enabled: Callable[["DistillConfig"], bool]
+    enabled: Optional[Callable[["DistillConfig"], bool]]  # None: on when `distill.terms` names it
     compute: Callable[[TermInputs], Parts]
     needs_new_teacher: bool = False  # else it reads the old teacher's outputs
+
+
+def switched_by_name(term: Term) -> bool:
+    """Whether `term` has no switch of its own in DistillConfig (it runs when `distill.terms` names it)."""
+    return term.enabled is None
+
+
+def is_enabled(name: str, term: Term, d: "DistillConfig") -> bool:
+    """Whether term `name` runs under `d` (its own switch, or its name in `distill.terms` with a weight above 0)."""
+    if term.enabled is None:
+        return d.terms.get(name, 0.0) > 0
+    return term.enabled(d)
 
 
 def _hccd(x: TermInputs) -> Parts:
@@ -126,4 +143,4 @@ TERMS: dict[str, Term] = {
 
 def reads_teacher(d: "DistillConfig") -> bool:
     """Whether an enabled term reads the old teacher's outputs (else its forward is skipped)."""
-    return any(t.enabled(d) and not t.needs_new_teacher for t in TERMS.values())
+    return any(is_enabled(n, t, d) and not t.needs_new_teacher for n, t in TERMS.items())

@@ -10,14 +10,13 @@ step's, so it can be the teacher of the next run.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import Config, DataConfig
+from ..config import Config, DataConfig, replaced
 from ..device import select_device
 from ..errors import SdiddError
 from ..evaluate import EvalResult
@@ -100,8 +99,7 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
         data.replay = offset_ids(kept, max(taken, default=0) + 1)
     teacher = model_from_checkpoint(state)
     spec = StepSpec(old + new, new, method, int(state.get("step", 0)) + 1, labelled_old=labelled)
-    cfg = copy.deepcopy(cfg)
-    cfg.incremental.method = method
+    cfg = replaced(data.sized(cfg), {"incremental.method": method})
     result = train_step(cfg, spec, out_dir, data, teacher=teacher)
 
     # The test sets the user holds: every class at once, or old and new apart (with the teacher on the old set).

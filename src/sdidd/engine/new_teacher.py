@@ -6,7 +6,6 @@ Its cost is the extra training run and one more forward per iteration, both repo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import Config, DistillConfig
+from ..config import Config, DistillConfig, replaced
 from ..errors import SdiddError
 from ..methods import resolved_distill
 from ..model.detector import GFL
@@ -41,9 +40,8 @@ def attach_new_teacher(step: Step, teacher: Optional[GFL], finetune_dir: Path, t
     if source is None:
         return
     if source == "finetune":
-        cfg = copy.deepcopy(step.cfg)
-        cfg.incremental.method = "finetune"
-        cfg.distill = DistillConfig()  # a plain fine-tune: no distillation, no pseudo-labels
+        # a plain fine-tune: no distillation, no pseudo-labels
+        cfg = replaced(dataclasses.replace(step.cfg, distill=DistillConfig()), {"incremental.method": "finetune"})
         result = train(cfg, dataclasses.replace(spec, method="finetune"), finetune_dir)
         log.info(f"new-class teacher of step {spec.step}: fine-tuned ({finetune_dir}), mAP50 {result.metrics.map50:.1f}")
         model, classes = result.model, list(spec.classes)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config import DistillConfig, LossConfig
 from ..distill import confident_mask
-from ..distill.terms import TERMS, TermInputs
+from ..distill.terms import TERMS, TermInputs, is_enabled
 from ..model.detector import DenseOutput
 from ..model.gfl_loss import assign_targets, gfl_loss
 
@@ -67,8 +67,8 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
                        # Batch-summed terms are put on the release's per-batch-of-2 scale (DistillConfig.release_batch).
                        distill.release_batch / s_cls.shape[0] if distill.release_batch else 1.0, distill,
                        new_teacher, new_channels)
-        for term in TERMS.values():  # in the table's order, which is the order the losses are summed in
-            if (new_teacher is not None) if term.needs_new_teacher else term.enabled(distill):
+        for name, term in TERMS.items():  # in the table's order, which is the order the losses are summed in
+            if (new_teacher is not None) if term.needs_new_teacher else is_enabled(name, term, distill):
                 term_losses, term_counts = term.compute(x)
                 losses.update(term_losses)
                 counts.update(term_counts)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 def run_train(cfg: Config, data: Optional[RunData] = None) -> StepResult:
     """Plain training on `data.classes` (default: all classes) with every label."""
     data = data or load_run_data(cfg.data)
+    cfg = data.sized(cfg)  # the image sizes chosen from the data, when the recipe leaves them unset
     chosen = cfg.data.classes or data.classes
     for c in chosen:
         if c not in data.classes:
@@ -97,6 +98,7 @@ def run_incremental(cfg: Config, method: Optional[str] = None, out_dir: Optional
     method = method or cfg.incremental.method
     out = Path(out_dir or cfg.train.out_dir)
     data = data or load_run_data(cfg.data)
+    cfg = data.sized(cfg)  # the image sizes chosen from the data, when the recipe leaves them unset
     groups = protocol_groups(cfg, data.classes)
     specs = step_specs(groups, method, cfg.incremental.old_labels)
     teacher, start = None, 0

@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import DataConfig
+from ..config import Config, DataConfig, replaced
 from ..data import DetectionDataset, EvalTransform, Problems, TrainTransform, build_dataset, collate
 from ..data.check import check_images
 from ..data.formats import FORMATS, described_splits, load_described_split
@@ -42,6 +42,16 @@ class RunData:
     test: DetectionDataset
     val: Optional[DetectionDataset] = None
     replay: Optional[DetectionDataset] = None  # kept old images to replay (add-classes --replay); None: `train`'s
+    # The image sizes of this run: the recipe's, or chosen from the training images when it leaves them unset.
+    train_sizes: list[int] = field(default_factory=list)
+    test_size: int = 0
+
+    def sized(self, cfg: Config) -> Config:
+        """`cfg` with this run's image sizes (a new config when the recipe left them to the data; else `cfg` itself)."""
+        d = cfg.data
+        if not self.test_size or (list(d.train_sizes) == self.train_sizes and d.test_size == self.test_size):
+            return cfg
+        return replaced(cfg, {"data.train_sizes": list(self.train_sizes), "data.test_size": self.test_size})
 
 
 def load_split(cfg: DataConfig, split: str) -> DetectionDataset:
@@ -98,7 +108,12 @@ def decode_once(dataset: DetectionDataset, cfg: DataConfig) -> DetectionDataset:
 def load_run_data(cfg: DataConfig) -> RunData:
     """Parse, check and (memory permitting) decode both splits once for a whole run."""
     train = decode_once(load_split(cfg, cfg.train_split), cfg)
-    choose_image_size(cfg, train.records)  # the recipe's sizes, or from the data when it leaves them unset
+    sizes = choose_image_size(cfg, train.records)[:2]  # the recipe's sizes, or from the data when it leaves them unset
+    return dataclasses.replace(_splits(cfg, train), train_sizes=sizes[0], test_size=sizes[1])
+
+
+def _splits(cfg: DataConfig, train: DetectionDataset) -> RunData:
+    """The run's splits around its (decoded) training split."""
     if cfg.val_fraction > 0:  # choose hyper-parameters here: the test split is not even read
         train, val = hold_out(train, cfg.val_fraction)
         return RunData(list(train.classes), train, val)

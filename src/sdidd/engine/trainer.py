@@ -216,6 +216,7 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
 def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunData], teacher: Optional[GFL],
                 new_teacher_dir: Optional[Path]) -> StepResult:
     data = data or load_run_data(cfg.data)
+    cfg = data.sized(cfg)  # the image sizes chosen from the data (when the recipe leaves them unset) go with the step
     step = build_step(cfg, spec, data, Path(out_dir), teacher)
     if step.stored_metrics is not None:  # a finished step is not retrained
         return StepResult(step.model, step.out_dir / "last.pth", EvalResult(**step.stored_metrics), dict(step.stats))
