@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the forward (CUDA, and CPUs with native bf16)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and weights (every model alike)")
     p.add_argument("--out", default=None, help="Markdown path (default docs/results/train_speed_<device>.md)")
     a = p.parse_args(argv)
     if a.head_channels != a.fpn_channels:
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     use_amp = precision.amp_enabled(a.amp, device)
     gen = torch.Generator().manual_seed(0)
     images, boxes, labels = _batch(a.batch, a.size, a.num_classes, gen)
-    images = images.to(device)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    images = images.to(device).contiguous(memory_format=fmt)
     boxes = [b.to(device) for b in boxes]
     labels = [lab.to(device) for lab in labels]
     pad_boxes, pad_labels = _pad(boxes, labels)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DetectorConfig(num_classes=a.num_classes, backbone=a.backbone, pretrained=False, fpn_channels=a.fpn_channels,
                          head_channels=a.head_channels, head_convs=a.head_convs)
 
-    gfl = build_detector(cfg).to(device).train()
+    gfl = build_detector(cfg).to(device, memory_format=fmt).train()
     opt = torch.optim.SGD([q for q in gfl.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
     loss_cfg = LossConfig()
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     fcos_base = build_detector(cfg)
     fcos = FCOS(_FeatureExtractor(fcos_base), num_classes=a.num_classes, min_size=a.size, max_size=a.size,
                 image_mean=[m / 255 for m in fcos_base.backbone.mean], image_std=[s / 255 for s in fcos_base.backbone.std],
-                head=FCOSHead(a.fpn_channels, 1, a.num_classes, num_convs=a.head_convs)).to(device).train()
+                head=FCOSHead(a.fpn_channels, 1, a.num_classes, num_convs=a.head_convs)).to(device, memory_format=fmt).train()
     fopt = torch.optim.SGD([q for q in fcos.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
     fimages = [im / 255 for im in images]  # torchvision detectors take 0-1 images
     ftargets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Incremental step: old = first half of the classes; the student learns the rest from GT + distillation.
     num_old = a.num_classes // 2
-    teacher = freeze_teacher(build_detector(dataclasses.replace(cfg, num_classes=num_old)).to(device))
+    teacher = freeze_teacher(build_detector(dataclasses.replace(cfg, num_classes=num_old)).to(device, memory_format=fmt))
     full_cfg = config_from_dict({})
     # New-class channels num_old.. get the GT boxes (labels folded onto them), old channels only distillation.
     new_labels = torch.where(pad_labels >= 0, num_old + pad_labels % (a.num_classes - num_old), pad_labels)
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         cached = teacher(images)  # what a warm teacher cache hands the step (engine/teacher_cache.py)
 
     def incremental_step(method: str, teacher_cached: bool = False):
-        student = extend_student(teacher, a.num_classes).to(device).train()
+        student = extend_student(teacher, a.num_classes).to(device, memory_format=fmt).train()
         sopt = torch.optim.SGD([q for q in student.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
         distill = None if method == "finetune" else resolved_distill(full_cfg, method)
         weight = qfl_weight(full_cfg, method)
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
              f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
              f"- Machine: {machine}; torch {torch.__version__}", f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.backbone} (random init), FPN P3-P7 {a.fpn_channels} ch, head {a.head_convs} convs, "
-             f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, precision: {precision.describe(a.amp, device)}; "
+             f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, precision: {precision.describe(a.amp, device)}"
+             f"{', channels_last' if a.channels_last else ''}; "
              f"full train step (forward + loss + backward + SGD), mean of {a.iters} steps, median of {a.rounds} interleaved rounds "
              f"after {a.warmup} warm-up steps",
              "- Seeds: one process, one random initialisation (seed 0), timed as the median of interleaved rounds; no seed "

@@ -160,3 +160,32 @@ def test_bf16_fpn_gives_finite_gradients_on_maps_one_pixel_wide() -> None:
             outs = fpn(feats)
         sum(o.float().sum() for o in outs).backward()
         assert all(torch.isfinite(p.grad).all() for p in fpn.parameters())
+
+
+def test_the_default_training_mode_is_the_fastest_measured_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.amp / train.channels_last left unset: fp32 NHWC on CPU (measured fastest), bf16 NCHW on CUDA; set: as set."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    cuda = torch.device("cuda")
+    assert precision.train_mode(None, None, CPU) == precision.TrainMode(amp=False, channels_last=True)
+    assert precision.train_mode(True, False, CPU) == precision.TrainMode(amp=True, channels_last=False)
+    assert precision.train_mode(None, None, cuda) == precision.TrainMode(amp=True, channels_last=False)
+    assert precision.train_mode(False, True, cuda) == precision.TrainMode(amp=False, channels_last=True)
+    cfg = config_from_dict({})
+    assert cfg.train.amp is None and cfg.train.channels_last is None  # the recipes leave it to the device
+    assert str(precision.train_mode(None, None, CPU)) == "fp32, channels_last"
+
+
+def test_a_channels_last_fp32_step_computes_what_an_nchw_fp32_step_does() -> None:
+    """NHWC changes the memory layout, not the arithmetic's precision: outputs and gradients agree to fp32 rounding."""
+    import copy
+    nchw = _tiny().train()
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+    outs = [m(x) for m, x in ((nchw, images), (nhwc, images.contiguous(memory_format=torch.channels_last)))]
+    for o in outs:
+        (o.cls.float().square().mean() + o.reg.float().square().mean()).backward()
+    assert torch.allclose(outs[0].cls, outs[1].cls, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(outs[0].reg, outs[1].reg, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(nchw.named_parameters(), nhwc.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name

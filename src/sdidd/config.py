@@ -86,8 +86,11 @@ class TrainConfig:
     min_iters: int = 500
     grad_clip: Optional[float] = None
     workers: Optional[int] = None  # loader processes; None: 0 when the pixels are in memory, else half the cores (max 4)
-    amp: bool = True  # bf16 autocast of the forward on CUDA and on CPUs with native bf16 (losses and metrics stay fp32)
-    channels_last: bool = False  # NHWC images and conv weights
+    # bf16 autocast of the networks' forward on CUDA and on CPUs with native bf16 (losses and metrics stay fp32), and
+    # NHWC images and conv weights. None: the fastest measured on the device (engine/precision.py: train_mode):
+    # CUDA bf16 NCHW; CPU fp32 channels_last (faster there than bf16, docs/results/train_modes_cpu_neu-det.md).
+    amp: Optional[bool] = None
+    channels_last: Optional[bool] = None
     compile: bool = False  # torch.compile the student's forward (pays off only if its compile time does)
     # Memory for the frozen teachers' outputs per (image, flip), reused across epochs when the input size is fixed (0: off)
     teacher_cache_gb: float = 2.0

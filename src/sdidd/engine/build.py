@@ -21,6 +21,7 @@ from ..model.detector import GFL, DetectorConfig, build_detector
 from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
 from .incremental import extend_student, freeze_teacher
+from .precision import TrainMode, train_mode
 from .pseudo_labels import pseudo_labelled
 from .replay import with_replay
 from .run_data import RunData, channel_view, cut_new_images, train_loader
@@ -94,6 +95,7 @@ class Step:
     pseudo_channels: Optional[torch.Tensor] = None  # [C] bool: old channels trained on pseudo-labels (sdidd+)
     replay_ids: frozenset[int] = frozenset()  # image ids of the replayed old images (engine/replay.py)
     replay_channels: Optional[torch.Tensor] = None  # [C] bool: the channels a replayed image supervises (the old ones)
+    mode: TrainMode = TrainMode(amp=False, channels_last=False)  # precision and memory format (train.amp, channels_last)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -177,6 +179,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": round(iterations(schedule, iters_per_epoch) / max(iters_per_epoch, 1), 2),
                        "iterations": float(iterations(schedule, iters_per_epoch)), "images": float(len(train_set)), **stats})
     step.pseudo_channels, step.replay_ids, step.replay_channels = pseudo_channels, replay_ids, replay_channels
+    step.mode = train_mode(t.amp, t.channels_last, device)
     if data.val is not None:  # the same view when the val split is also what the final numbers are measured on
         step.val_set = test_set if data.val is data.test else channel_view(data.val, spec.classes, keep_empty=True)
     if t.resume and (step.out_dir / "last.pth").is_file():

@@ -143,7 +143,7 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
 # are, how fast, how verbose. Epochs are checked on their own (more epochs continue a finished run).
 _RUNTIME_KEYS = frozenset({
     "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
-    "train.workers", "train.amp", "train.device", "train.deterministic", "train.threads", "train.log_every",
+    "train.workers", "train.amp", "train.channels_last", "train.compile", "train.device", "train.deterministic", "train.threads", "train.log_every",
     "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints",
     "train.teacher_cache_gb", "train.overwrite",
     "incremental.teacher", "incremental.start_step", "incremental.epochs",

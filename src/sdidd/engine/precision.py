@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Optional
 
 import torch
 
@@ -37,6 +38,30 @@ def amp_enabled(amp: bool, device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_bf16()
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainMode:
+    """How a training step's networks run: bf16 autocast or fp32, NHWC (channels_last) or NCHW."""
+
+    amp: bool
+    channels_last: bool
+
+    def __str__(self) -> str:
+        return ("bf16 autocast (losses fp32)" if self.amp else "fp32") + (", channels_last" if self.channels_last else "")
+
+
+def train_mode(amp: Optional[bool], channels_last: Optional[bool], device: torch.device) -> TrainMode:
+    """The config's `train.amp` / `train.channels_last`, each left None taking the fastest measured on `device`.
+
+    On CPU that is fp32 in channels_last: the training loop of NEU-DET quick ran 1.17x (160 px) to 1.26x (320 px)
+    fp32's speed in NHWC, bf16 (NCHW) 1.09-1.13x, both together slower than either (docs/results/train_modes_cpu*.md):
+    the loop is bound by memory traffic in depthwise convolutions and normalisation, not by matmul throughput.
+    On CUDA: bf16 autocast, NCHW (channels_last is the GPU recipe's own choice).
+    """
+    cpu = device.type == "cpu"
+    use_amp = amp_enabled(not cpu if amp is None else amp, device)
+    return TrainMode(use_amp, cpu if channels_last is None else bool(channels_last))
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on `device` (a no-op context when not enabled)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -49,8 +74,10 @@ def float_output(out: DenseOutput) -> DenseOutput:
     return dataclasses.replace(out, cls=out.cls.float(), reg=out.reg.float(), feats=[f.float() for f in out.feats])
 
 
-def describe(amp: bool, device: torch.device) -> str:
-    """One phrase for logs and reports: the precision a step on `device` runs in."""
+def describe(amp: Optional[bool], device: torch.device) -> str:
+    """One phrase for logs and reports: the precision a step on `device` runs in (amp None: the device's default)."""
+    if amp is None:
+        amp = device.type != "cpu"
     if amp_enabled(amp, device):
         return "bf16 autocast (losses fp32)"
     if amp and device.type == "cpu":

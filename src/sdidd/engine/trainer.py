@@ -47,7 +47,7 @@ def train_one_epoch(step: Step, epoch: int, step_log: StepLog) -> int:
     step.loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     # Per-epoch seeds make augmentation independent of where a run was resumed (offset 0 unless DDP rank > 0).
     torch.manual_seed(t.seed * 7919 + step.spec.step * 131 + epoch + dist.rank_seed_offset())
-    use_amp = precision.amp_enabled(t.amp, device)
+    use_amp = step.mode.amp
     bar = tqdm(step.loader, desc=f"step {step.spec.step} epoch {epoch + 1}/{step.schedule.epochs}",
                disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=False)
     start, seen = time.perf_counter(), 0
@@ -104,13 +104,13 @@ def batch_to_device(step: Step, batch: dict) -> tuple[torch.Tensor, torch.Tensor
         images, boxes, labels, sizes = on_device(batch, device)
     else:
         images, boxes, labels, sizes = (batch[k].to(device, non_blocking=True) for k in ("images", "boxes", "labels", "sizes"))
-    if step.cfg.train.channels_last:
+    if step.mode.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, boxes, labels, sizes
 
 
 def speed_setup(step: Step) -> None:
-    """Speed settings of a built step: teacher caches, train.channels_last (weights), train.compile (student forward)."""
+    """Speed settings of a built step: teacher caches, channels_last weights (step.mode), train.compile (student forward)."""
     t = step.cfg.train
     if t.teacher_cache_gb and (step.teacher is not None or step.new_teacher is not None):
         blocker = cache_blocker(step.loader.dataset, step.cfg.data.train_sizes)
@@ -124,7 +124,7 @@ def speed_setup(step: Step) -> None:
                                                       name="new-class teacher")
         else:
             log.info(f"teacher outputs not cached: {blocker}")
-    if t.channels_last:  # in place: the optimizer keeps the same parameters
+    if step.mode.channels_last:  # in place: the optimizer keeps the same parameters
         for model in (step.model, step.teacher, step.new_teacher):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
@@ -228,8 +228,7 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
     if step.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(step.device)
     speed_setup(step)
-    log.info(f"step {spec.step} ({spec.method}): {precision.describe(cfg.train.amp, step.device)}"
-             + (", channels_last" if cfg.train.channels_last else ""))
+    log.info(f"step {spec.step} ({spec.method}): {step.mode}")
     step_log = StepLog(step.out_dir, step.iteration)
     step.model.train()
     for epoch in range(step.start_epoch, step.schedule.epochs):
