@@ -17,7 +17,6 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,7 @@ from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.evaluation import evaluate_model
 from sdidd.engine.precision import amp_enabled
 from sdidd.engine.run_data import channel_view, decode_once, load_split
+from timing import write_report  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for ckpt, n, size, trained, m, s in rows:
         lines.append(f"| `{ckpt}` | {trained} | {n} | {size} | {m['fp32']:.2f} | {m['bf16']:.2f} | {m['bf16'] - m['fp32']:+.2f} | "
                      f"{s['fp32']:.1f} | {s['bf16']:.1f} | {s['fp32'] / s['bf16']:.2f}x |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(a.out, lines)
     return 0
 
 

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from before_after import source_tree  # benchmarks/before_after.py (this script's folder is on sys.path)
+from before_after import source_tree  # benchmarks/before_after.py, timing.py (this script's folder is on sys.path)
+from timing import write_report
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -70,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         b, f = (statistics.median(seconds[(v, size)]) for v in ("before", "after"))
         each = lambda v: ", ".join(f"{n / s:.1f}" for s in seconds[(v, size)])  # noqa: E731
         lines.append(f"| {size} | {n / b:.1f} ({each('before')}) | {n / f:.1f} ({each('after')}) | {b / f:.2f} |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(a.out, lines)
     return 0
 
 

@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdidd.model.detector import DetectorConfig, build_detector
+
+
+def write_report(path: str | Path, lines: list[str]) -> None:
+    """Write a benchmark's Markdown report (its folder created) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 def seconds_per_call(step: Callable[[], object], iters: int, warmup: int, device: torch.device) -> float:
