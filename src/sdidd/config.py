@@ -488,10 +488,12 @@ def validate(cfg: Config) -> None:
          "distill.new_teacher", "must be 'finetune', a checkpoint path, or null")
     if cfg.distill.terms:  # named terms must exist (the table needs torch: read only when some are named)
         from .distill.terms import TERMS, switched_by_name
+        by_name = [n for n, t in TERMS.items() if switched_by_name(t)]
         for name, w in cfg.distill.terms.items():
-            need(name in TERMS, f"distill.terms.{name}", f"is not a term of distill/terms.py (known: {', '.join(TERMS)})")
             need(name not in TERMS or switched_by_name(TERMS[name]), f"distill.terms.{name}",
-                 "has a switch of its own: set distill.<its switch> and its weight instead")
+                 f"has a switch of its own: set distill.{name} (and its weight) instead")
+            need(name in TERMS, f"distill.terms.{name}", "is not a term of distill/terms.py switched on by name "
+                 f"(known: {', '.join(by_name) or 'none; the built-in terms have switches of their own'})")
             need(w >= 0, f"distill.terms.{name}", "must be >= 0")
     for k in ("hccd_weight", "erd_box_weight", "ld_weight", "vlr_weight", "idfd_weight", "kd_weight", "temperature", "pseudo_sigmas",
               "new_teacher_weight"):
