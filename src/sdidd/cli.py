@@ -72,6 +72,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .device import select_device
     from .engine.build import StepSpec
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.precision import for_inference
     from .engine.run_data import channel_view, decode_once, load_split
     from .engine.trainer import log_result
     from .engine.evaluation import evaluate_model
@@ -83,7 +84,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         cfg = replaced(cfg, {**({"data.dataset": a.data} if a.data else {}), **({"data.root": a.root} if a.root else {})})
     split_name = a.split or _default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
-    model = model_from_checkpoint(state, device)
+    model = for_inference(model_from_checkpoint(state, device), device)
     classes = list(state["classes"])
     split = decode_once(load_split(cfg.data, split_name), cfg.data)
     test = channel_view(split, classes, keep_empty=True)

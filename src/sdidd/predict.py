@@ -97,6 +97,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     """
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
+    from .engine.precision import for_inference
     from .plots import draw_detections
 
     if batch_size < 1:
@@ -112,7 +113,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         files, file_names = [f for f, _ in found], [n for _, n in found]
     dev = select_device(device, "--device")
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, dev).eval()
+    model = for_inference(model_from_checkpoint(state, dev).eval(), dev)
     classes = list(state["classes"])
     data = dict(state.get("config", {}).get("data", {}))
     test_size, max_size = int(data.get("test_size") or 160), int(data.get("max_size") or 267)

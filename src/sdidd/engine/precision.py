@@ -62,6 +62,17 @@ def train_mode(amp: Optional[bool], channels_last: Optional[bool], device: torch
     return TrainMode(use_amp, cpu if channels_last is None else bool(channels_last))
 
 
+def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A loaded model (in place) in the fastest fp32 layout measured for inference on `device`: NHWC on CPU.
+
+    `GFL.predict` of a trained NEU-DET model ran 1.05-1.37x faster in channels_last on CPU, in the same fp32
+    (docs/results/inference_speed_cpu_nhwc.md); on CUDA the model stays as loaded.
+    """
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on `device` (a no-op context when not enabled)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
