@@ -192,7 +192,7 @@ def test_a_channels_last_fp32_step_computes_what_an_nchw_fp32_step_does() -> Non
 
 
 def test_a_loaded_model_is_put_in_the_fastest_inference_layout_for_its_device() -> None:
-    """predict / eval load a checkpoint into NHWC on CPU (measured faster, same fp32) and leave CUDA models as they are."""
+    """predict / eval load a checkpoint into NHWC on CPU (measured faster there, the same fp32 arithmetic)."""
     model = precision.for_inference(_tiny().eval(), CPU)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4 and m.weight.shape[-1] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
