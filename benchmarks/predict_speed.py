@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from before_after import source_tree  # benchmarks/before_after.py, timing.py (this script's folder is on sys.path)
 from timing import write_report
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     trees = {"before": source_tree(a.before, a.work, "before"), "after": source_tree(a.after, a.work, "after")}
     n = sum(1 for f in Path(a.images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    state = torch.load(a.checkpoint, map_location="cpu", weights_only=False)  # only for the budget line of the report
+    trained = (f"{state.get('epoch', '?')} epochs / {state.get('iteration', '?')} iterations, seed "
+               f"{dict(state.get('config', {}).get('train', {})).get('seed', '?')}")
     seconds: dict[tuple[str, int], list[float]] = {}
     for r in range(a.rounds):
         for size in a.sizes:
@@ -65,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
              f"- Date: {dt.date.today().isoformat()}",
              f"- {n} images of `{a.images}`, checkpoint `{a.checkpoint}`; the whole command's wall clock (start-up, reading, "
              f"resizing, network, post-processing, writing), median of {a.rounds} interleaved rounds (each round's value in "
-             "brackets). Nothing is trained: both versions run the same checkpoint on the same images.",
+             "brackets).",
+             f"- Budget: nothing is trained here; every row (both versions, every size and round) runs the same checkpoint "
+             f"(trained {trained}) on the same {n} images, and every run predicts each image once.",
              "", "| size | before images/s | after images/s | after / before |", "|---|---|---|---|"]
     for size in a.sizes:
         b, f = (statistics.median(seconds[(v, size)]) for v in ("before", "after"))

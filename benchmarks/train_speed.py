@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{', channels_last' if a.channels_last else ''}; "
              f"full train step (forward + loss + backward + SGD), mean of {a.iters} steps, median of {a.rounds} interleaved rounds "
              f"after {a.warmup} warm-up steps",
+             f"- Budget: every row runs the same iterations on the same batch: {a.warmup} warm-up + {a.iters} timed steps in the "
+             f"first round and 1 + {a.iters} in each of the other {a.rounds - 1}, i.e. {a.warmup + a.iters + (a.rounds - 1) * (1 + a.iters)} "
+             "iterations per row (one fixed random batch, no dataset, so no epochs); no training to convergence, no metric.",
              "- Seeds: one process, one random initialisation (seed 0), timed as the median of interleaved rounds; no seed "
              "repetition. The images/s and the ratios between rows are one run's and move by about ±0.1 (ratio) between runs "
              "on a shared machine; they say what a step costs, not that one method is better than another.",

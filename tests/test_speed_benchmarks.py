@@ -22,6 +22,7 @@ def test_train_speed_writes_report(tmp_path):
         assert f"| {row} |" in text
     assert "Ratio GFL / FCOS" in text and "Distillation overhead" in text
     assert "Machine limit" in text and "teacher's outputs cached" in text
+    assert "i.e. 2 iterations per row" in text  # 1 warm-up + 1 timed step, one round: every row's budget is stated
 
 
 @pytest.mark.slow
