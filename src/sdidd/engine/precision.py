@@ -52,8 +52,8 @@ class TrainMode:
 def train_mode(amp: Optional[bool], channels_last: Optional[bool], device: torch.device) -> TrainMode:
     """The config's `train.amp` / `train.channels_last`, each left None taking the fastest measured on `device`.
 
-    On CPU that is fp32 in channels_last: the training loop of NEU-DET quick ran 1.17x (160 px) to 1.26x (320 px)
-    fp32's speed in NHWC, bf16 (NCHW) 1.09-1.13x, both together slower than either (docs/results/train_modes_cpu*.md):
+    On CPU that is fp32 in channels_last: the training loop of NEU-DET quick ran 1.17-1.31x fp32's speed in NHWC at
+    160 and 320 px, batch 8 and 16, ahead of bf16 at batch 8 (docs/results/train_modes_cpu_neu-det.md):
     the loop is bound by memory traffic in depthwise convolutions and normalisation, not by matmul throughput.
     On CUDA: bf16 autocast, NCHW (channels_last is the GPU recipe's own choice).
     """
@@ -85,10 +85,8 @@ def float_output(out: DenseOutput) -> DenseOutput:
     return dataclasses.replace(out, cls=out.cls.float(), reg=out.reg.float(), feats=[f.float() for f in out.feats])
 
 
-def describe(amp: Optional[bool], device: torch.device) -> str:
-    """One phrase for logs and reports: the precision a step on `device` runs in (amp None: the device's default)."""
-    if amp is None:
-        amp = device.type != "cpu"
+def describe(amp: bool, device: torch.device) -> str:
+    """One phrase for reports: the precision a forward on `device` runs in when `amp` is asked for."""
     if amp_enabled(amp, device):
         return "bf16 autocast (losses fp32)"
     if amp and device.type == "cpu":
