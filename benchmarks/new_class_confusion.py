@@ -10,7 +10,10 @@ were learnt well. Evaluating the new classes again on the test images without an
 
 Prints a Markdown table (new-class mAP50 on both sets, and the number of images in each). With `--agnostic` each
 model is also evaluated with NMS across classes (one box per place, the best-scored class's): the old classes'
-boxes, which the distilled model scores higher on old defects, then remove the new-class boxes on them.
+boxes, which the distilled model scores higher on old defects, then remove the new-class boxes on them. With
+`--old-new`, NMS across the two groups only (`class_groups`: old classes vs new): a box goes where a higher-scored box
+of the other group overlaps it; within a group NMS stays per class. `--set data.val_fraction=0.2` measures on the
+validation split the run held out (the checkpoints must have been trained with the same setting).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--old", type=int, required=True, help="number of old classes (the first ones of the checkpoints)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--agnostic", action="store_true", help="also evaluate with NMS across classes (one box per place)")
+    ap.add_argument("--old-new", action="store_true", help="also evaluate with NMS across old and new classes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (e.g. data.val_fraction=0.2); repeatable")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
     a = ap.parse_args()
@@ -39,10 +44,10 @@ def main() -> None:
     if bad:
         ap.error(f"{bad[0]!r}: expected NAME=CHECKPOINT")
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.recipe, [])
+    cfg = load_config(a.recipe, a.set)
     data = load_run_data(cfg.data)
     rows = []
-    modes = [("per class", False)] + ([("across classes", True)] if a.agnostic else [])
+    modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
     for item in a.models:
         name, path = item.split("=", 1)
         state = load_checkpoint(path)
@@ -51,12 +56,14 @@ def main() -> None:
         clean = test.with_records([r for r in test.records if not (r.labels < a.old).any()])
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
-        for mode, agnostic in modes:
+        old_new = [("across old and new", {"class_groups": [int(c >= a.old) for c in range(len(classes))]})]
+        for mode, post in modes + (old_new if a.old_new else []):
             full, part = (evaluate_model(model, ds, cfg.data, torch.device("cpu"), groups=groups,
-                                         postprocess={"agnostic": agnostic}).groups for ds in (test, clean))
+                                         postprocess=post).groups for ds in (test, clean))
             rows.append((name, mode, full["new"], part["new"], full["old"], full["all"]))
         n_all, n_clean = len(test.records), len(clean.records)
-    lines = [f"| model | NMS | new mAP50, all {n_all} test images | new mAP50, the {n_clean} without old defects "
+    where = "validation" if cfg.data.val_fraction else "test"
+    lines = [f"| model | NMS | new mAP50, all {n_all} {where} images | new mAP50, the {n_clean} without old defects "
              "| old mAP50 | all mAP50 |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {m} | {f:.1f} | {c:.1f} | {o:.1f} | {al:.1f} |" for n, m, f, c, o, al in rows]
     print("\n".join(lines))

@@ -205,3 +205,13 @@ def test_a_joint_step_of_the_small_data_protocol_keeps_every_old_box(tmp_path: P
     full = channel_view(data.train, joint.classes)
     assert count(seen, [0, 1]) == count(full.records, [0, 1])  # old channels 0, 1: all their boxes
     assert sum(bool(torch.isin(torch.as_tensor(r.labels), torch.tensor([2, 3])).any()) for r in seen) == 5
+
+
+def test_nms_across_old_and_added_classes_is_a_setting_of_incremental_steps_only() -> None:
+    """incremental.old_new_nms gives class_groups 0 (old) / 1 (added) for a step with old classes, nothing for a base
+    or joint step (it relearns every class) or when off."""
+    from sdidd.engine.build import StepSpec
+    step1 = StepSpec(["a", "b", "c"], ["c"], "sdidd", 1)
+    assert step1.postprocess(True) == {"class_groups": [0, 0, 1]} and step1.postprocess(False) == {}
+    assert StepSpec(["a", "b", "c"], ["a", "b", "c"], "joint", 1, added=["c"]).postprocess(True) == {}
+    assert StepSpec(["a", "b"], ["a", "b"]).postprocess(True) == {}

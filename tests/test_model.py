@@ -111,6 +111,33 @@ def test_nms_across_classes_keeps_one_box_per_place():
     assert onnx["labels"].tolist() == [0]
 
 
+def test_nms_across_class_groups_drops_a_later_groups_box_under_an_earlier_groups():
+    """class_groups (old classes 0, 1 vs new class 2): at one place a new-class box under a higher-scored old-class
+    box goes; old boxes under a higher new box stay, two classes of one group both stay (per-class NMS), and so does a
+    new box elsewhere; numpy agrees."""
+    from sdidd.export import postprocess_onnx_outputs
+    from sdidd.model.detector import suppress_across_groups
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [1, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 9]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95])
+    groups = torch.tensor([0, 0, 1, 1, 1])  # boxes 0, 1 old; 2 new under them; 3 new elsewhere; 4 new above them
+    assert suppress_across_groups(boxes, scores, groups, 0.6).tolist() == [True, True, False, True, True]
+    assert suppress_across_groups(boxes, scores, torch.zeros(5, dtype=torch.long), 0.6).all()
+    model = tiny_detector(3).eval()
+    out = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    out.cls.fill_(-20.0)
+    out.cls[0, 5, 0], out.cls[0, 5, 1], out.cls[0, 5, 2] = 3.0, 2.5, 2.0  # old 0 and 1 above new 2 at one box
+    out.cls[0, 40, 2] = 1.0  # a new-class box elsewhere
+    out.reg.fill_(-20.0)
+    out.reg[..., 1] = 20.0  # every side one stride from the anchor: small boxes, so anchors 5 and 40 do not overlap
+    plain = model.postprocess(out, [(64, 64)])[0]
+    grouped = model.postprocess(out, [(64, 64)], class_groups=[0, 0, 1])[0]
+    assert sorted(plain["labels"].tolist()) == [0, 1, 2, 2] and sorted(grouped["labels"].tolist()) == [0, 1, 2]
+    boxes = distance2bbox(out.grid.points, integral(out.reg[0]) * out.grid.strides[:, None])[None]
+    onnx = postprocess_onnx_outputs(boxes.detach().numpy(), out.cls.sigmoid().detach().numpy(), [(64, 64)],
+                                    num_per_level=out.grid.num_per_level, class_groups=[0, 0, 1], backend="numpy")[0]
+    assert sorted(onnx["labels"].tolist()) == [0, 1, 2]
+
+
 def _positive_iou(model, images, boxes, labels) -> float:
     """Mean IoU between the decoded boxes of the ATSS positives and their GT."""
     with torch.no_grad():

@@ -173,6 +173,8 @@ def test_the_default_training_mode_is_the_fastest_measured_per_device(monkeypatc
     cfg = config_from_dict({})
     assert cfg.train.amp is None and cfg.train.channels_last is None  # the recipes leave it to the device
     assert str(precision.train_mode(None, None, CPU)) == "fp32, channels_last"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)  # asked for bf16 where it would be emulated
+    assert str(precision.train_mode(True, True, CPU)) == "fp32 (this CPU has no native bf16), channels_last"
 
 
 def test_a_channels_last_fp32_step_computes_what_an_nchw_fp32_step_does() -> None:

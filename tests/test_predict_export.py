@@ -203,3 +203,39 @@ def test_predict_agnostic_keeps_at_most_the_per_class_boxes(ckpt: Path, tmp_path
     per_class = run_predict(ckpt, [src], tmp_path / "p", score_thr=0.05, device="cpu")
     across = run_predict(ckpt, [src], tmp_path / "q", score_thr=0.05, device="cpu", agnostic=True)
     assert len(across[0]["scores"]) <= len(per_class[0]["scores"])
+
+
+def test_predict_old_new_leaves_no_new_box_under_a_better_old_one(ckpt: Path, tmp_path: Path) -> None:
+    """`--old-new` on an incremental checkpoint: no kept box of the added class overlaps a higher-scored old-class box
+    (IoU > 0.6), which per-class NMS leaves; a checkpoint of one step is refused in one line."""
+    from torchvision.ops import box_iou
+    from sdidd.errors import SdiddError
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_picture(96, 160, 5)).save(src / "a.png")
+    state = load_checkpoint(ckpt)
+    step1 = tmp_path / "step1.pth"
+    save_checkpoint({**state, "new_classes": ["patch"], "step": 1, "method": "sdidd"}, step1)
+
+    def beaten(r: dict) -> int:  # new-class boxes under a higher-scored old-class box
+        b, s, new = torch.as_tensor(r["boxes"]), torch.as_tensor(r["scores"]), torch.as_tensor(r["labels"]) == 2
+        pairs = (box_iou(b, b) > 0.6) & new[:, None] & ~new[None, :] & (s[None, :] > s[:, None])
+        return int(pairs.any(1).sum())
+
+    per_class = run_predict(step1, [src], tmp_path / "p", score_thr=0.05, device="cpu")
+    grouped = run_predict(step1, [src], tmp_path / "q", score_thr=0.05, device="cpu", old_new=True)
+    assert beaten(per_class[0]) > 0 and beaten(grouped[0]) == 0
+    with pytest.raises(SdiddError, match="has no old classes"):
+        run_predict(ckpt, [src], tmp_path / "r", device="cpu", old_new=True)
+
+    # A step evaluated with incremental.old_new_nms: predict does the same by default (--no-old-new turns it off), and
+    # the ONNX model's metadata carries the class groups for postprocess_onnx_outputs.
+    config = {**state["config"], "incremental": {**state["config"]["incremental"], "old_new_nms": True}}
+    step1_nms = tmp_path / "step1_nms.pth"
+    save_checkpoint({**state, "new_classes": ["patch"], "step": 1, "method": "sdidd", "config": config}, step1_nms)
+    assert beaten(run_predict(step1_nms, [src], tmp_path / "s", score_thr=0.05, device="cpu")[0]) == 0
+    assert beaten(run_predict(step1_nms, [src], tmp_path / "t", score_thr=0.05, device="cpu", old_new=False)[0]) > 0
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(export_onnx(step1_nms, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    assert json.loads(sess.get_modelmeta().custom_metadata_map["postprocess"])["class_groups"] == [0, 0, 1]

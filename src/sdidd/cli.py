@@ -76,6 +76,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .engine.run_data import channel_view, decode_once, load_split
     from .engine.trainer import log_result
     from .engine.evaluation import evaluate_model
+    from .predict import checkpoint_postprocess
     from .evaluate import coco_results, save_coco_results, save_result_json
     state = load_checkpoint(a.checkpoint)
     cfg = _checkpoint_config(state, a.overrides, "eval")
@@ -91,7 +92,9 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     spec = StepSpec(classes, list(state.get("new_classes", classes)))
     groups = spec.groups
     detections: dict = {}
-    result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers, detections_out=detections)
+    post = checkpoint_postprocess(state, a.checkpoint, a.old_new)
+    result = evaluate_model(model, test, cfg.data, device, groups=groups, workers=cfg.train.workers, detections_out=detections,
+                            postprocess=post)
     log_result(result, f"{a.checkpoint}: {cfg.data.dataset} {split_name}")
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("eval.json")
     save_result_json(result, out)
@@ -251,7 +254,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     skipped: list[dict[str, str]] = []
     run_predict(a.checkpoint, inputs, a.out, score_thr=a.score, batch_size=int(train.get("batch_size", a.batch_size)),
                 device=str(train.get("device", a.device)), size=data.get("test_size", a.size), skipped=skipped,
-                max_size_arg=data.get("max_size"), agnostic=a.agnostic, **kw)
+                max_size_arg=data.get("max_size"), agnostic=a.agnostic, old_new=a.old_new, **kw)
     return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
 
 
@@ -317,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="JSON path (default: eval.json beside the checkpoint)")
     s.add_argument("--results", help="COCO results JSON of the detections (default: <out>_detections.json)")
+    s.add_argument("--old-new", action=argparse.BooleanOptionalAction, default=None,
+                   help="NMS across old and added classes on or off (default: as the checkpoint's step was evaluated)")
     s.add_argument("overrides", nargs="*", help="data=FILE (a dataset description) and data.* / train.* key=value, as for train")
     s.set_defaults(fn=_cmd_eval)
 
@@ -374,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--score", type=float, default=0.3)
     s.add_argument("--agnostic", action="store_true", help="NMS across classes: one box per place, the best-scored "
                    "class's (ultralytics' agnostic_nms)")
+    s.add_argument("--old-new", action=argparse.BooleanOptionalAction, default=None,
+                   help="incremental checkpoints: drop a box of a class the step added where a higher-scored old-class box "
+                   "overlaps it (the new classes never saw an old defect); default: as the step was evaluated "
+                   "(incremental.old_new_nms)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
     s.add_argument("--device", default="auto")

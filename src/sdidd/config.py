@@ -183,6 +183,10 @@ class IncrementalConfig:
     # Replay: this many kept old images per old class (seeded, engine/replay.py) join each incremental step with their
     # old-class labels. 0: data-free (the default). Drawn from the run's training split, or `sdidd add-classes --replay`.
     replay_images: int = 0
+    # Evaluation and prediction of a step's model: a box of a class the step added is dropped where a higher-scored box
+    # of an old class overlaps it (IoU > 0.6). The added classes never saw an old defect labelled "not new" and fire
+    # on old defects; the distilled old channels score those higher. False: per-class NMS, the paper's protocol.
+    old_new_nms: bool = False
 
 
 @dataclass(frozen=True)

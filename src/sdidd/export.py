@@ -93,6 +93,18 @@ def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_th
     return np.asarray(keep, np.int64)
 
 
+def _suppress_across_groups_numpy(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_thr: float) -> np.ndarray:
+    """`model.detector.suppress_across_groups` in numpy: keep-mask of boxes no higher-scored earlier-group box overlaps."""
+    b = boxes.astype(np.float64)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iw = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-12)
+    beaten = (iou > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
+    return ~beaten.any(axis=1)
+
+
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float, backend: str) -> np.ndarray:
     if backend != "numpy":
         try:
@@ -110,7 +122,9 @@ def postprocess_onnx_outputs(boxes: Any, scores: Any, image_sizes: Optional[Sequ
                              scales: Optional[Sequence[Any]] = None, num_per_level: Optional[Sequence[int]] = None,
                              score_thr: float = POSTPROCESS["score_thr"], nms_pre: int = POSTPROCESS["nms_pre"],
                              iou_thr: float = POSTPROCESS["iou_thr"], max_per_img: int = POSTPROCESS["max_per_img"],
-                             agnostic: bool = POSTPROCESS["agnostic"], backend: str = "auto") -> list[dict[str, np.ndarray]]:
+                             agnostic: bool = POSTPROCESS["agnostic"],
+                             class_groups: Optional[Sequence[int]] = POSTPROCESS["class_groups"],
+                             backend: str = "auto") -> list[dict[str, np.ndarray]]:
     """The detector's post-processing on ONNX outputs: per image {'boxes' xyxy, 'scores', 'labels' (model channel)}.
 
     `image_sizes`: (h, w) of each resized image inside the S x S input (boxes are clamped to it; default S x S).
@@ -143,7 +157,10 @@ def postprocess_onnx_outputs(boxes: Any, scores: Any, image_sizes: Optional[Sequ
         bx, sc, lab = np.concatenate(kept_boxes), np.concatenate(kept_scores), np.concatenate(kept_labels).astype(np.int64)
         valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
         bx, sc, lab = bx[valid], sc[valid], lab[valid]
-        keep = _nms(bx, sc, np.zeros_like(lab) if agnostic else lab, iou_thr, backend)[:max_per_img]
+        keep = _nms(bx, sc, np.zeros_like(lab) if agnostic else lab, iou_thr, backend)
+        if class_groups is not None:
+            keep = keep[_suppress_across_groups_numpy(bx[keep], sc[keep], np.asarray(class_groups)[lab[keep]], iou_thr)]
+        keep = keep[:max_per_img]
         bx, sc, lab = bx[keep], sc[keep], lab[keep]
         if scales is not None:
             s = np.broadcast_to(np.asarray(scales[b], np.float32).reshape(-1), (2,))
@@ -192,6 +209,7 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
 
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
+    from .predict import checkpoint_postprocess
 
     state = load_checkpoint(checkpoint)
     if size is None:
@@ -215,7 +233,9 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
                           opset_version=opset, do_constant_folding=True, **kw)
     proto = onnx.load(str(out))
     meta = {"classes": json.dumps(list(state["classes"])), "input_size": str(size), "strides": json.dumps(list(STRIDES)),
-            "num_per_level": json.dumps(level_counts(size)), "postprocess": json.dumps(POSTPROCESS),
+            "num_per_level": json.dumps(level_counts(size)),
+            # the checkpoint's own settings (class_groups where its step evaluated with incremental.old_new_nms)
+            "postprocess": json.dumps({**POSTPROCESS, **checkpoint_postprocess(state, str(checkpoint))}),
             "input": "float32 NCHW RGB 0-255, keep-ratio resize long side to input_size, zero-pad bottom/right",
             "backbone": str(state["detector"]["backbone"])}
     for k, v in meta.items():

@@ -87,13 +87,16 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
                 score_thr: float = 0.3, batch_size: int = 8, device: str = "auto", size: Optional[int] = None,
                 skipped: Optional[list[dict[str, str]]] = None, image_ids: Optional[Sequence[int]] = None,
                 file_names: Optional[Sequence[str]] = None, category_ids: Optional[Mapping[str, int]] = None,
-                max_size_arg: Optional[int] = None, agnostic: bool = False) -> list[dict[str, Any]]:
+                max_size_arg: Optional[int] = None, agnostic: bool = False,
+                old_new: Optional[bool] = None) -> list[dict[str, Any]]:
     """Detect on `inputs`, write drawn images, predictions.json and results.json to `out`; return per-image results.
 
     Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
     With `image_ids` and `file_names` (one per input file: a dataset's records) the results keep them, and
     `category_ids` (class name -> id) replaces channel + 1 as the category id. `max_size_arg` overrides the long-side cap.
     `agnostic`: NMS across classes (one box per place, the best-scored class's) instead of per class.
+    `old_new`: NMS across the classes the checkpoint's step added and those it knew before (`class_groups`); None:
+    as the checkpoint's step was evaluated (`incremental.old_new_nms`).
     """
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
@@ -115,6 +118,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     state = load_checkpoint(checkpoint)
     model = for_inference(model_from_checkpoint(state, dev).eval(), dev)
     classes = list(state["classes"])
+    class_groups = checkpoint_postprocess(state, str(checkpoint), old_new).get("class_groups")
     data = dict(state.get("config", {}).get("data", {}))
     test_size, max_size = int(data.get("test_size") or 160), int(data.get("max_size") or 267)
     if size is not None:
@@ -138,7 +142,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         try:
             batch = collate([transform(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "image_id": 0}) for im in originals])
             with torch.no_grad():
-                dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr, agnostic=agnostic)
+                dets = model.predict(batch["images"].to(dev), batch["image_sizes"], score_thr=score_thr, agnostic=agnostic,
+                                     class_groups=class_groups)
         except (MemoryError, RuntimeError) as e:  # one huge image must not cost the others their detections
             if not is_out_of_memory(e):
                 raise
@@ -167,6 +172,20 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     note = f" ({len(bad)} unreadable image(s) skipped, listed there)" if bad else ""
     log.info(f"{len(results)} image(s), {n} detection(s) with score >= {score_thr:g} on {dev.type}: wrote {out_dir}/ and {json_path}{note}")
     return results
+
+
+def checkpoint_postprocess(state: dict[str, Any], where: str, old_new: Optional[bool] = None) -> dict[str, Any]:
+    """`GFL.postprocess` settings for a checkpoint: its step's (`incremental.old_new_nms`), or NMS across old and new
+    classes forced on / off by `old_new`; forcing it on for a model without old classes is one error line."""
+    from .engine.build import StepSpec
+    classes = list(state["classes"])
+    spec = StepSpec(classes, list(state.get("new_classes") or classes))
+    if old_new is None:
+        return spec.postprocess(bool(((state.get("config") or {}).get("incremental") or {}).get("old_new_nms", False)))
+    if old_new and not spec.num_old:
+        raise SdiddError(f"{where}: NMS across old and new classes needs a checkpoint of an incremental step; "
+                         f"this one has no old classes (it learnt {classes} in one step)")
+    return spec.postprocess(old_new)
 
 
 def _readable_batches(files: list[Path], batch_size: int, bad: list[dict[str, str]]) -> Iterator[tuple[list[int], list[Path], list[torch.Tensor]]]:

@@ -106,15 +106,17 @@ def run_add_classes(teacher_path: str | Path, cfg: Config, out_dir: str | Path, 
     device = select_device(cfg.train.device)
     sources: dict[str, tuple[str, Optional[EvalResult]]] = {}
     teacher_res: Optional[EvalResult] = None
+    post = spec.postprocess(cfg.incremental.old_new_nms)  # as the step's own evaluation and `sdidd predict` do
     if test is not None:
         full = decode_once(load_split(test, test.test_split), test)
-        res = evaluate_model(result.model, channel_view(full, spec.classes, keep_empty=True), cfg.data, device)
+        res = evaluate_model(result.model, channel_view(full, spec.classes, keep_empty=True), cfg.data, device, postprocess=post)
         teacher_res = evaluate_model(teacher.to(device), channel_view(full, old, keep_empty=True), cfg.data, device)
         sources = {c: (f"{_source(test)} (all classes)", res) for c in spec.classes}
     else:
         if old_test is not None:
             old_set = decode_once(load_split(old_test, old_test.test_split), old_test)
-            res = evaluate_model(result.model, channel_view(old_set, spec.classes, keep_empty=True), cfg.data, device)
+            res = evaluate_model(result.model, channel_view(old_set, spec.classes, keep_empty=True), cfg.data, device,
+                                 postprocess=post)
             teacher_res = evaluate_model(teacher.to(device), channel_view(old_set, old, keep_empty=True), cfg.data, device)
             sources.update({c: (f"{_source(old_test)} (old test set)", res) for c in old})
         else:

@@ -54,6 +54,14 @@ class StepSpec:
         """Channels kept from the teacher (0 for a base or joint step)."""
         return len(self.classes) - len(self.new_classes)
 
+    def postprocess(self, old_new_nms: bool) -> dict[str, Any]:
+        """`GFL.postprocess` settings of this step's model: with `old_new_nms` and old classes, NMS across the old
+        classes and those the step added (`class_groups`: 0 old, 1 added; `incremental.old_new_nms`)."""
+        if not (old_new_nms and self.num_old):
+            return {}
+        added = set(self.added_classes)
+        return {"class_groups": [int(c in added) for c in self.classes]}
+
     @property
     def groups(self) -> dict[str, list[int]]:
         """Channel groups reported by the evaluation: all, and old/new for a step with old classes."""

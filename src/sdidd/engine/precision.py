@@ -44,9 +44,11 @@ class TrainMode:
 
     amp: bool
     channels_last: bool
+    note: str = dataclasses.field(default="", compare=False)  # why a requested bf16 does not run
 
     def __str__(self) -> str:
-        return ("bf16 autocast (losses fp32)" if self.amp else "fp32") + (", channels_last" if self.channels_last else "")
+        return (("bf16 autocast (losses fp32)" if self.amp else "fp32") + (f" ({self.note})" if self.note else "")
+                + (", channels_last" if self.channels_last else ""))
 
 
 def train_mode(amp: Optional[bool], channels_last: Optional[bool], device: torch.device) -> TrainMode:
@@ -59,7 +61,8 @@ def train_mode(amp: Optional[bool], channels_last: Optional[bool], device: torch
     """
     cpu = device.type == "cpu"
     use_amp = amp_enabled(not cpu if amp is None else amp, device)
-    return TrainMode(use_amp, cpu if channels_last is None else bool(channels_last))
+    note = "this CPU has no native bf16" if amp and cpu and not use_amp else ""
+    return TrainMode(use_amp, cpu if channels_last is None else bool(channels_last), note)
 
 
 def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

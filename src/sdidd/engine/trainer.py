@@ -152,7 +152,8 @@ def validate(step: Step, epoch: int, result: Optional[EvalResult] = None) -> Eva
     cfg = step.cfg
     target = step.val_set if step.val_set is not None else step.test_set
     if result is None:
-        result = evaluate_model(step.model, target, cfg.data, step.device, workers=cfg.train.workers)
+        result = evaluate_model(step.model, target, cfg.data, step.device, workers=cfg.train.workers,
+                                postprocess=step.spec.postprocess(cfg.incremental.old_new_nms))
     name = "val split" if step.val_set is not None else "test split (no val split: not for choosing a model)"
     log.info(f"epoch {epoch}: mAP50 {result.map50:.1f} on the {name}")
     if dist.is_main():
@@ -248,7 +249,8 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
     stats = step.stats
     stats["images_per_second"] = stats["train_images"] / max(stats["train_seconds"], 1e-9)
     stats["peak_memory_mb"] = (torch.cuda.max_memory_allocated(step.device) / 2**20) if step.device.type == "cuda" else _rss_mb()
-    result = evaluate_model(step.model, step.test_set, cfg.data, step.device, groups=spec.groups, workers=cfg.train.workers)
+    result = evaluate_model(step.model, step.test_set, cfg.data, step.device, groups=spec.groups, workers=cfg.train.workers,
+                            postprocess=spec.postprocess(cfg.incremental.old_new_nms))
     if step.val_set is not None:  # the last epoch competes for best.pth too (on the val split, not the test split)
         validate(step, step.schedule.epochs, result if step.val_set is step.test_set else None)
     last = save_step(step, step.schedule.epochs, result_to_dict(result))
