@@ -376,6 +376,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         if "sdidd" in m:  # the curves are drawn from the sdidd run's log
             out += ["", f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
         if out_dir is not None:
-            out += ["", f"Predictions on test images (score ≥ 0.3, ground truth dashed) are written to the run folder, "
+            split = "validation" if val else "test"
+            out += ["", f"Predictions on {split} images (score ≥ 0.3, ground truth dashed) are written to the run folder, "
                         f"`{out_dir}/predictions_<method>.png`, and not committed: they show dataset images."]
     return "\n".join(out) + "\n"

@@ -19,11 +19,11 @@ from .postprocess_settings import POSTPROCESS, STRIDES
 def suppress_across_groups(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thr: float) -> Tensor:
     """Which boxes to keep when a higher-scored box of an earlier group (a lower id) overlaps them at IoU > iou_thr.
 
-    With groups 0 = the classes known before a step and 1 = the classes it added, a new-class box on an old defect goes
-    where the distilled old channels score that place higher: the new classes never saw an old defect labelled "not
-    new" (METHOD_NOTES.md, "Old defects called new"). Old boxes are never dropped by new ones (measured on a validation
-    split: dropping both ways cost old-class AP). Every pair is compared at once (Fast NMS: a dropped box still
-    suppresses), a [N, N] matrix over the boxes per-class NMS kept.
+    With groups 0 = the classes known before a step and 1 = the classes it added, a new-class box on an old defect
+    goes where the distilled old channels score that place higher: the new classes never saw an old defect labelled
+    "not new" (docs/METHOD_NOTES.md, "NMS across old and added classes"). Old boxes are never dropped by new ones
+    (dropping both ways cost old-class AP on a validation split). Every pair is compared at once (Fast NMS: a dropped
+    box still suppresses), a [N, N] matrix over the boxes per-class NMS kept.
     """
     beaten = (box_iou(boxes, boxes) > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
     return ~beaten.any(dim=1)
