@@ -11,8 +11,8 @@ were learnt well. Evaluating the new classes again on the test images without an
 Prints a Markdown table (new-class mAP50 on both sets, and the number of images in each). With `--agnostic` each
 model is also evaluated with NMS across classes (one box per place, the best-scored class's): the old classes'
 boxes, which the distilled model scores higher on old defects, then remove the new-class boxes on them. With
-`--old-new`, NMS across the two groups only (`class_groups`: old classes vs new): a box goes where a higher-scored box
-of the other group overlaps it; within a group NMS stays per class. `--set data.val_fraction=0.2` measures on the
+`--old-new`, the step setting `incremental.old_new_nms`: a new-class box goes where a higher-scored old-class box
+overlaps it; old boxes stay, and within a group NMS stays per class. `--set data.val_fraction=0.2` measures on the
 validation split the run held out (the checkpoints must have been trained with the same setting).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sdidd.config import load_config
+from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.run_data import channel_view, load_run_data
 from sdidd.engine.evaluation import evaluate_model
@@ -56,7 +57,7 @@ def main() -> None:
         clean = test.with_records([r for r in test.records if not (r.labels < a.old).any()])
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
-        old_new = [("across old and new", {"class_groups": [int(c >= a.old) for c in range(len(classes))]})]
+        old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]
         for mode, post in modes + (old_new if a.old_new else []):
             full, part = (evaluate_model(model, ds, cfg.data, torch.device("cpu"), groups=groups,
                                          postprocess=post).groups for ds in (test, clean))
