@@ -27,6 +27,9 @@ def test_parse_methods_expands_ablations_and_refuses_unknown():
     with pytest.raises(SdiddError, match="unknown method 'foo'"):
         parse_methods("sdidd,foo")
     assert parse_methods("plus-ablations") == ["sdidd+-no-pseudo", "sdidd+-all-negatives", "sdidd+-l2", "sdidd+-hccd-x8", "sdidd+dual"]
+    assert parse_methods("plus-terms") == ["sdidd+-no-cls", "sdidd+-no-reg", "sdidd+-no-feat", "sdidd+-no-erdbox"]
+    cfg, base = method_config(config_from_dict(TINY), "sdidd+-no-feat")  # one old-class term off, the rest of sdidd+ kept
+    assert base == "sdidd+" and cfg.distill.idfd is False and cfg.distill.pseudo_labels is None
     cfg, base = method_config(config_from_dict(TINY), "sdidd+-hccd-x8")
     assert base == "sdidd+" and cfg.distill.hccd_weight == 8.0 and cfg.incremental.method == "sdidd+"
     cfg, base = method_config(config_from_dict(TINY), "sdidd+dual")

@@ -34,7 +34,7 @@ class Method:
     qfl_weight: float = 1.0  # as released: SD-IDD doubles QFL
     variant_of: Optional[str] = None  # a benchmark variant: the engine method it runs as, with `distill` set
     add_classes: bool = False  # offered by `sdidd add-classes --method`
-    group: Optional[str] = None  # benchmark shorthand that selects it with its group ('ablations', 'plus-ablations')
+    group: Optional[str] = None  # benchmark shorthand that selects it with its group ('ablations', 'plus-terms', ...)
     incremental: Mapping[str, Any] = field(default_factory=dict)  # a variant's `incremental.*` settings (its data)
 
 
@@ -69,6 +69,14 @@ METHODS: dict[str, Method] = {
                              group="plus-ablations"),
     "sdidd+dual": Method("sdidd+ with a second, new-class teacher (the step's fine-tune)", {"new_teacher": "finetune"},
                          variant_of="sdidd+", group="plus-ablations"),
+    # sdidd+ with one old-class term removed: which of them holds the new classes back (each also acts at new-class
+    # positives: IDFD pulls the FPN features there to the old teacher's, DSCRD the box distributions, HCCD the old
+    # channels at the teacher's confident anchors, ERD-box the teacher's confident box sides).
+    "sdidd+-no-cls": Method("sdidd+ without HCCD", {"hccd": False}, variant_of="sdidd+", group="plus-terms"),
+    "sdidd+-no-reg": Method("sdidd+ without DSCRD", {"dscrd": False}, variant_of="sdidd+", group="plus-terms"),
+    "sdidd+-no-feat": Method("sdidd+ without IDFD", {"idfd": False}, variant_of="sdidd+", group="plus-terms"),
+    "sdidd+-no-erdbox": Method("sdidd+ without ERD's box term", {"erd_box": False}, variant_of="sdidd+",
+                               group="plus-terms"),
     # The same methods when the new images keep the labels of the old defects they show (a line that labels every
     # defect it sees): those labels are trained as ground truth, distillation still keeps what they do not cover.
     "sdidd-old-labels": Method("SD-IDD, the new images' old-class labels kept", variant_of="sdidd",
@@ -81,7 +89,8 @@ METHODS: dict[str, Method] = {
 }
 ENGINE_METHODS = tuple(n for n, m in METHODS.items() if m.variant_of is None)  # what incremental.method accepts
 ADD_CLASSES_METHODS = tuple(n for n, m in METHODS.items() if m.add_classes)
-VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations", "old-labels", "replay")}
+VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations", "plus-terms", "old-labels",
+                                                                               "replay")}
 
 
 def method(name: str) -> Method:
