@@ -89,8 +89,9 @@ METHODS: dict[str, Method] = {
 }
 ENGINE_METHODS = tuple(n for n, m in METHODS.items() if m.variant_of is None)  # what incremental.method accepts
 ADD_CLASSES_METHODS = tuple(n for n, m in METHODS.items() if m.add_classes)
-VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g] for g in ("ablations", "plus-ablations", "plus-terms", "old-labels",
-                                                                               "replay")}
+# The benchmark's group names, in table order, each with its variants.
+VARIANT_GROUPS = {g: [n for n, m in METHODS.items() if m.group == g]
+                  for g in dict.fromkeys(m.group for m in METHODS.values() if m.group)}
 
 
 def method(name: str) -> Method:
