@@ -9,7 +9,7 @@ import torch
 
 import sdidd.engine.pseudo_labels as pl
 from sdidd.config import config_from_dict, replaced
-from sdidd.methods import resolved_distill
+from sdidd.methods import METHODS as method_table, resolved_distill
 from sdidd.data import DetectionDataset, Record
 from sdidd.engine.build import StepSpec, build_step, detector_config
 from sdidd.engine.run_data import load_run_data
@@ -45,6 +45,19 @@ def test_a_confident_teacher_detection_becomes_an_old_target_unless_it_overlaps_
     assert r.boxes.tolist()[1] == [5, 5, 30, 30]
     assert stats["pseudo_boxes"] == 1 and stats["per_class"] == [1, 0] and stats["pseudo_images"] == 1
     assert ds.records[0].labels.tolist() == [2]  # the input dataset is untouched
+
+
+def test_a_lower_overlap_iou_drops_a_detection_that_covers_part_of_a_new_defect() -> None:
+    # The teacher calls the left third of a new defect an old class: IoU 1/3 with the new box.
+    rec = Record(image_id=1, file="x.png", width=100, height=100, boxes=np.array([[10, 10, 70, 40]], np.float32),
+                 labels=np.array([2]))
+    ds = DetectionDataset(["a", "b", "c"], [rec])
+    dets = {1: _dets([[10, 10, 30, 40], [80, 80, 95, 95]], [0.9, 0.9], [0, 1])}
+    kept = pl.add_pseudo_labels(ds, dets, thresholds=np.array([0.5, 0.5]), overlap_iou=0.5)[0].records[0]
+    assert kept.labels.tolist() == [2, 0, 1]  # at 0.5 the partial box stays, as an old-class target on the new defect
+    sdidd_plus_iou = method_table["sdidd+-iou0.1"].distill["pseudo_overlap_iou"]
+    dropped = pl.add_pseudo_labels(ds, dets, thresholds=np.array([0.5, 0.5]), overlap_iou=sdidd_plus_iou)[0].records[0]
+    assert dropped.labels.tolist() == [2, 1]  # the benchmark variant drops it, the far one stays
 
 
 def test_sdidd_plus_step_trains_every_channel_on_gt_plus_pseudo_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,33 +75,34 @@ def letterbox(image: Any, size: int) -> tuple[np.ndarray, tuple[int, int], tuple
     return out, (nh, nw), (nw / w, nh / h)
 
 
+def _box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU [len(a), len(b)] of xyxy boxes (torchvision.ops.box_iou in numpy, float64)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
 def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float) -> np.ndarray:
     """Class-aware greedy NMS (torchvision's batched_nms semantics: offset boxes per class, IoU > thr suppresses)."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
     b = boxes.astype(np.float64) + (labels.astype(np.float64) * (boxes.max() + 1))[:, None]
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
         keep.append(i)
-        iw = np.clip(np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0]), 0, None)
-        ih = np.clip(np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1]), 0, None)
-        inter = iw * ih
-        order = rest[inter / (area[i] + area[rest] - inter) <= iou_thr]
+        order = rest[_box_iou_numpy(b[i:i + 1], b[rest])[0] <= iou_thr]
     return np.asarray(keep, np.int64)
 
 
 def _suppress_across_groups_numpy(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_thr: float) -> np.ndarray:
     """`model.detector.suppress_across_groups` in numpy: keep-mask of boxes no higher-scored earlier-group box overlaps."""
     b = boxes.astype(np.float64)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iw = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-12)
-    beaten = (iou > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
+    beaten = (_box_iou_numpy(b, b) > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
     return ~beaten.any(axis=1)
 
 

@@ -67,6 +67,10 @@ METHODS: dict[str, Method] = {
     # the teacher's score is 0.5, while the score form still lets go of classes the teacher scores near 0.
     "sdidd+-hccd-x8": Method("sdidd+ with the score-form HCCD at 8x", {"hccd_weight": 8.0}, variant_of="sdidd+",
                              group="plus-ablations"),
+    # Pseudo-labels dropped where they touch a new box at all: most that do mark part of a new defect (a crack, a patch),
+    # and as old-class targets they train the new channels to 0 there (docs/results/add_classes_story.md).
+    "sdidd+-iou0.1": Method("sdidd+ with pseudo-labels dropped at IoU >= 0.1 with a new box (default 0.5)",
+                            {"pseudo_overlap_iou": 0.1}, variant_of="sdidd+"),
     "sdidd+dual": Method("sdidd+ with a second, new-class teacher (the step's fine-tune)", {"new_teacher": "finetune"},
                          variant_of="sdidd+", group="plus-ablations"),
     # sdidd+ with one old-class term removed: which of them holds the new classes back (each also acts at new-class
