@@ -300,6 +300,38 @@ def test_dscrd_old_class_boxes_weighted_by_old_channels():
     assert math.isclose(out["ld"].item(), 0.25 * ref, rel_tol=1e-5)
 
 
+def test_dscrd_teacher_fit_weights_each_anchor_by_the_teachers_box_iou_with_its_gt():
+    """distill.dscrd_teacher_iou: the old teacher's box at an anchor counts as far as it fits that anchor's GT box."""
+    from torchvision.ops import box_iou
+
+    from sdidd.distill.regression import teacher_box_fit
+    from sdidd.model.head import integral
+
+    grid, anchors, t_reg, s_cls, s_reg = _dscrd_setup()
+    gts = _gts()
+    asg = _assign(grid, gts)
+    fit = teacher_box_fit(t_reg, asg, grid)
+    region = asg.vlr_region()
+    dist = integral(t_reg) * grid.strides[None, :, None]
+    checked = 0
+    for b in range(2):
+        for a in torch.nonzero(asg.pos_mask[b] | (region[b] > 0)).flatten().tolist():  # independent reference
+            box = torch.cat([grid.points[a] - dist[b, a, :2], grid.points[a] + dist[b, a, 2:]])[None]
+            g = int(asg.assigned[b, a]) if asg.pos_mask[b, a] else int(box_iou(anchors[a:a + 1], gts[b]).argmax())
+            assert math.isclose(float(fit[b, a]), float(box_iou(box, gts[b][g:g + 1])), abs_tol=1e-5)
+            checked += 1
+    assert checked > 10 and 0 < float(fit[asg.pos_mask].mean()) < 1
+    base = dscrd_loss(s_cls, s_reg, t_reg, asg, NEW)
+    ones = dscrd_loss(s_cls, s_reg, t_reg, asg, NEW, teacher_fit=torch.ones_like(fit))
+    assert torch.equal(ones["ld"], base["ld"]) and torch.equal(ones["vlr"], base["vlr"])
+    zero = dscrd_loss(s_cls, s_reg, t_reg, asg, NEW, teacher_fit=torch.zeros_like(fit))
+    assert float(zero["ld"]) == 0.0 and float(zero["vlr"]) == 0.0
+    weighted = dscrd_loss(s_cls, s_reg, t_reg, asg, NEW, teacher_fit=fit)
+    assert 0 < float(weighted["ld"]) < float(base["ld"]) and 0 < float(weighted["vlr"]) < float(base["vlr"])
+    # An image without GT: nothing to fit.
+    assert teacher_box_fit(t_reg, _assign(grid, [torch.zeros(0, 4)] * 2), grid).abs().sum() == 0
+
+
 def test_dscrd_empty_gts():
     grid, anchors, t_reg, s_cls, s_reg = _dscrd_setup()
     s_reg = s_reg.clone().requires_grad_(True)
@@ -529,6 +561,15 @@ def test_step_loss_log_and_kd_per_level():
     assert all(torch.isfinite(x.grad).all() for x in [s.cls, s.reg, *s.feats])
 
 
+def test_dscrd_teacher_iou_switch_reaches_the_step_loss():
+    s, t, boxes, labels, sizes = _step_inputs()
+    logs = [step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0,
+                      DistillConfig(**ALL_TERMS, dscrd_teacher_iou=on))[1] for on in (False, True)]
+    assert 0 < float(logs[1]["loss_ld"]) < float(logs[0]["loss_ld"])
+    assert 0 < float(logs[1]["loss_vlr"]) < float(logs[0]["loss_vlr"])
+    assert torch.equal(logs[1]["loss_qfl"], logs[0]["loss_qfl"]) and torch.equal(logs[1]["loss_idfd"], logs[0]["loss_idfd"])
+
+
 def test_step_loss_without_teacher_and_empty_batch():
     s, t, boxes, labels, sizes = _step_inputs()
     total, log = step_loss(s, None, boxes, labels, sizes, TRAINED, LossConfig(), 1.0, None)
@@ -588,12 +629,12 @@ class _NoSync:
         torch.nonzero = self.torch_nonzero
 
 
-@pytest.mark.parametrize("empty", [False, True])
-def test_step_loss_has_no_host_sync_outside_erd_box(empty):
+@pytest.mark.parametrize("empty,teacher_iou", [(False, False), (True, False), (False, True), (True, True)])
+def test_step_loss_has_no_host_sync_outside_erd_box(empty, teacher_iou):
     s, t, boxes, labels, sizes = _step_inputs(seed=2)
     if empty:
         boxes, labels = torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long)
-    cfg = DistillConfig(**{**ALL_TERMS, "erd_box": False})
+    cfg = DistillConfig(**{**ALL_TERMS, "erd_box": False, "dscrd_teacher_iou": teacher_iou})
     with _NoSync():
         total, log = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)
         total.backward()

@@ -134,6 +134,9 @@ class DistillConfig:
     dscrd: Optional[bool] = None  # (2) dual-stage cascade regression distillation (ATSS positives + VLR)
     ld_weight: float = 0.25
     vlr_weight: float = 0.25
+    # True: DSCRD's KL at an anchor is also weighted by the IoU of the old teacher's box there with the GT box the anchor
+    # is distilled toward: the teacher's boxes of defects it never learnt are copied only as far as they fit them.
+    dscrd_teacher_iou: bool = False
     idfd: Optional[bool] = None  # (3) IoU-driven difficulty-aware feature distillation
     idfd_weight: float = 2.0
     idfd_ratio: float = 0.5

@@ -10,8 +10,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..model.anchors import AnchorGrid
 from ..model.assigner import Assignment
+from ..model.gfl_loss import aligned_iou
+from ..model.head import distance2bbox, integral
 from .kl import distribution_kl
+
+
+def teacher_box_fit(teacher_reg: Tensor, assignment: Assignment, grid: AnchorGrid) -> Tensor:
+    """[B, A] IoU of the teacher's decoded box at each anchor with that anchor's GT box (0 in an image without GT).
+
+    The GT box is the assigned one at a positive, elsewhere the anchor's highest-IoU GT (the one its VLR value
+    comes from). Detached, dense, no host sync.
+    """
+    with torch.no_grad():
+        batch, num_anchors = teacher_reg.shape[:2]
+        if assignment.gt_boxes.shape[1] == 0:
+            return teacher_reg.new_zeros((batch, num_anchors))
+        boxes = distance2bbox(grid.points, integral(teacher_reg.float()) * grid.strides[:, None])  # [B, A, 4]
+        nearest = torch.where(assignment.pos_mask, assignment.assigned, assignment.iou.argmax(-1))
+        gt = assignment.gt_boxes.gather(1, nearest[..., None].expand(-1, -1, 4))
+        fit = aligned_iou(boxes, gt)
+        return torch.where(assignment.gt_valid.gather(1, nearest), fit, torch.zeros_like(fit))
 
 
 def dscrd_loss(
@@ -24,13 +44,14 @@ def dscrd_loss(
     ld_weight: float = 0.25,
     vlr_weight: float = 0.25,
     exclude: Optional[Tensor] = None,
+    teacher_fit: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Box-distribution KL on ATSS positives ('ld', predicted-IoU weighted) and on the VLR ('vlr', IoU weighted).
 
     A positive's weight is the student's best score among the channels of its box's kind (new or old classes).
 
-    `exclude` [B, A] bool drops positives from LD (those a new-class teacher distils instead). Summed over the
-    batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
+    `exclude` [B, A] bool drops positives from LD (those a new-class teacher distils instead). `teacher_fit` [B, A]
+    (:func:`teacher_box_fit`) multiplies both weights (``distill.dscrd_teacher_iou``). Summed over the batch. Returns ``{'ld', 'vlr'}`` losses and ``{'n_pos', 'n_vlr'}`` counts, all 0-dim tensors.
     """
     bins = student_reg.shape[-1]
     batch, num_anchors = student_reg.shape[:2]
@@ -50,6 +71,9 @@ def dscrd_loss(
             old_box = assignment.assigned_labels < new_slice.start
             w_new = torch.where(old_box, cls[..., :new_slice.start].sigmoid().amax(dim=-1), w_new)
         w = w_new * pos.to(student_cls.dtype)
+        if teacher_fit is not None:
+            w = w * teacher_fit.to(w.dtype)
+            region = region * teacher_fit.to(region.dtype)
     # One dense KL for every anchor; positives may also lie in the VLR (DIoU <= IoU). Masked anchors are
     # multiplied by an exact 0, which keeps the graph to the student with a zero gradient there.
     kl = distribution_kl(student_reg.reshape(-1, bins), teacher_reg.reshape(-1, bins), T)

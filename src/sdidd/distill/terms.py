@@ -20,7 +20,7 @@ from .classification import hccd_loss
 from .erd_box import erd_box_loss
 from .feature import idfd_loss
 from .new_teacher import new_class_positives, new_teacher_loss
-from .regression import dscrd_loss, kd_mismatch_loss
+from .regression import dscrd_loss, kd_mismatch_loss, teacher_box_fit
 
 if TYPE_CHECKING:
     from ..config import DistillConfig
@@ -100,8 +100,10 @@ def _erd_box(x: TermInputs) -> Parts:
 def _dscrd(x: TermInputs) -> Parts:
     # With a new-class teacher, the boxes of new-class positives are distilled from it, not from the old teacher.
     exclude = new_class_positives(x.asg, x.num_old) if x.new_teacher is not None else None
+    fit = teacher_box_fit(x.t_reg, x.asg, x.student.grid) if x.cfg.dscrd_teacher_iou else None
     r = dscrd_loss(x.s_cls, x.s_reg, x.t_reg, x.asg, x.new_slice, T=x.cfg.temperature,
-                   ld_weight=x.cfg.ld_weight * x.per_batch, vlr_weight=x.cfg.vlr_weight * x.per_batch, exclude=exclude)
+                   ld_weight=x.cfg.ld_weight * x.per_batch, vlr_weight=x.cfg.vlr_weight * x.per_batch, exclude=exclude,
+                   teacher_fit=fit)
     return {"ld": r["ld"], "vlr": r["vlr"]}, {"n_ld": r["n_pos"], "n_vlr": r["n_vlr"]}
 
 
