@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdidd.benchmark import machine_description
+from sdidd.benchmark import machine_description, mean_std_text
 
 
 def _run(cmd: list[str]) -> float:
@@ -41,12 +41,6 @@ def _commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parent).stdout.strip()
     return (r.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
-
-
-def _ms(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.1f}" if values else ""
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main() -> None:
@@ -99,7 +93,7 @@ def main() -> None:
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         cells = [f"{r['groups']['old']:.1f} / {r['groups']['new']:.1f} / {r['groups']['all']:.1f}" for r in mine]
-        cols = [_ms([r["groups"][g] for r in mine]) for g in ("old", "new", "all")]
+        cols = [mean_std_text([r["groups"][g] for r in mine]) for g in ("old", "new", "all")]
         lines.append(f"| `{m}` | " + " | ".join(cells) + " | " + " | ".join(cols)
                      + f" | {mine[0]['iterations']:.0f} ({mine[0]['images']:.0f})"
                      + f" | {statistics.mean(r['seconds'] for r in mine):.0f} |")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdidd.benchmark import mean_std_text
+
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ("before", "after")
 
@@ -50,12 +52,6 @@ def run_one(src: Path, version: str, seed: int, a: argparse.Namespace) -> float:
     if rc != 0:
         raise SystemExit(f"{tag}: benchmark failed (exit {rc}), see {a.work / (tag + '.log')}")
     return wall
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.1f}" if values else "–"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def report(a: argparse.Namespace, walls: dict[str, float], command: str) -> str:
@@ -101,9 +97,9 @@ def report(a: argparse.Namespace, walls: dict[str, float], command: str) -> str:
         for v in VERSIONS:
             ms = [res[(v, s)]["methods"][m] for s in seeds]
             if m == "teacher":
-                lines.append(f"| teacher | {v} | {_mean_std([x['map50_old'] for x in ms])} | | |")
+                lines.append(f"| teacher | {v} | {mean_std_text([x['map50_old'] for x in ms])} | | |")
             else:
-                lines.append(f"| {m} | {v} | " + " | ".join(_mean_std([x[k] for x in ms]) for k in
+                lines.append(f"| {m} | {v} | " + " | ".join(mean_std_text([x[k] for x in ms]) for k in
                                                              ("map50_old", "map50_new", "map50_all")) + " |")
     return "\n".join(lines) + "\n"
 

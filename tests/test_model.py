@@ -138,6 +138,24 @@ def test_nms_across_class_groups_drops_a_later_groups_box_under_an_earlier_group
     assert sorted(onnx["labels"].tolist()) == [0, 1, 2]
 
 
+def test_nms_across_groups_in_blocks_gives_the_whole_matrixs_answer(monkeypatch):
+    """The across-groups suppression computed in blocks of rows (bounded memory) keeps exactly what one [N, N] matrix
+    keeps, in torch and in numpy, and drops some boxes here so the comparison means something."""
+    from sdidd import export
+    from sdidd.model import detector
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 8 + torch.rand(60, 2, generator=g) * 8], dim=1)
+    scores, groups = torch.rand(60, generator=g), torch.randint(0, 2, (60,), generator=g)
+    whole = detector.suppress_across_groups(boxes, scores, groups, 0.3)
+    whole_np = export._suppress_across_groups_numpy(boxes.numpy(), scores.numpy(), groups.numpy(), 0.3)
+    assert 0 < int((~whole).sum()) < 60 and whole.tolist() == whole_np.tolist()
+    monkeypatch.setattr(detector, "ACROSS_GROUPS_BLOCK", 7)
+    monkeypatch.setattr(export, "ACROSS_GROUPS_BLOCK", 7)
+    assert detector.suppress_across_groups(boxes, scores, groups, 0.3).tolist() == whole.tolist()
+    assert export._suppress_across_groups_numpy(boxes.numpy(), scores.numpy(), groups.numpy(), 0.3).tolist() == whole.tolist()
+
+
 def _positive_iou(model, images, boxes, labels) -> float:
     """Mean IoU between the decoded boxes of the ATSS positives and their GT."""
     with torch.no_grad():

@@ -169,6 +169,13 @@ def forgetting(teacher: dict[str, Any], entry: dict[str, Any]) -> float:
     return round(statistics.fmean(teacher["ap50_per_class"][c] - entry["ap50_per_class"][c] for c in own), 2)
 
 
+def mean_std_text(values: list[float], empty: str = "–") -> str:
+    """'56.3' for one value, '56.3 ± 1.2' for several (sample std), `empty` for none: the reports' one format."""
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if values else empty
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return round(statistics.fmean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
 

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import SdiddError
-from .model.postprocess_settings import POSTPROCESS, STRIDES
+from .model.postprocess_settings import ACROSS_GROUPS_BLOCK, POSTPROCESS, STRIDES
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,13 @@ def _nms_numpy(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_th
 def _suppress_across_groups_numpy(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_thr: float) -> np.ndarray:
     """`model.detector.suppress_across_groups` in numpy: keep-mask of boxes no higher-scored earlier-group box overlaps."""
     b = boxes.astype(np.float64)
-    beaten = (_box_iou_numpy(b, b) > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
-    return ~beaten.any(axis=1)
+    keep = np.ones(len(b), bool)
+    for lo in range(0, len(b), ACROSS_GROUPS_BLOCK):  # bounded memory, as the torch version
+        hi = lo + ACROSS_GROUPS_BLOCK
+        beaten = ((_box_iou_numpy(b[lo:hi], b) > iou_thr) & (groups[None, :] < groups[lo:hi, None])
+                  & (scores[None, :] > scores[lo:hi, None]))
+        keep[lo:hi] = ~beaten.any(axis=1)
+    return keep
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float, backend: str) -> np.ndarray:

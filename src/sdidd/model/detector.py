@@ -12,8 +12,7 @@ from .anchors import AnchorGrid, make_anchor_grid
 from .backbone import build_backbone
 from .fpn import FPN
 from .head import GFLHead, distance2bbox, integral
-from .postprocess_settings import POSTPROCESS, STRIDES
-
+from .postprocess_settings import ACROSS_GROUPS_BLOCK, POSTPROCESS, STRIDES
 
 
 def suppress_across_groups(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thr: float) -> Tensor:
@@ -23,10 +22,16 @@ def suppress_across_groups(boxes: Tensor, scores: Tensor, groups: Tensor, iou_th
     goes where the distilled old channels score that place higher: the new classes never saw an old defect labelled
     "not new" (docs/METHOD_NOTES.md, "NMS across old and added classes"). Old boxes are never dropped by new ones
     (dropping both ways cost old-class AP on a validation split). Every pair is compared at once (Fast NMS: a dropped
-    box still suppresses), a [N, N] matrix over the boxes per-class NMS kept.
+    box still suppresses), in blocks of ACROSS_GROUPS_BLOCK rows so memory stays bounded however many boxes
+    per-class NMS kept.
     """
-    beaten = (box_iou(boxes, boxes) > iou_thr) & (groups[None, :] < groups[:, None]) & (scores[None, :] > scores[:, None])
-    return ~beaten.any(dim=1)
+    keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    for lo in range(0, len(boxes), ACROSS_GROUPS_BLOCK):
+        hi = lo + ACROSS_GROUPS_BLOCK
+        beaten = ((box_iou(boxes[lo:hi], boxes) > iou_thr) & (groups[None, :] < groups[lo:hi, None])
+                  & (scores[None, :] > scores[lo:hi, None]))
+        keep[lo:hi] = ~beaten.any(dim=1)
+    return keep
 
 
 @dataclass

@@ -11,3 +11,5 @@ STRIDES = (8, 16, 32, 64, 128)  # P3-P7
 # box of an earlier group overlaps it at IoU > iou_thr (old classes 0, added 1); then the top max_per_img per image.
 POSTPROCESS = {"score_thr": 0.05, "nms_pre": 1000, "iou_thr": 0.6, "max_per_img": 100, "agnostic": False,
                "class_groups": None}
+# Rows of the across-groups IoU matrix computed at once: 2048 x N values, so memory stays bounded for any box count.
+ACROSS_GROUPS_BLOCK = 2048
