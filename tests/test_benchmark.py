@@ -97,13 +97,13 @@ def test_seeds_aggregate_to_mean_and_sample_std_with_each_seed_kept():
     assert "| sdidd | 52.0 ± 2.0 | 65.0 ± 5.0 |" in md and "Seeds 0, 1, 2" in md
 
 
-@pytest.mark.slow
 def test_mean_std_text_gives_one_value_or_mean_and_sample_std():
     assert mean_std_text([56.34]) == "56.3"
     assert mean_std_text([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
     assert mean_std_text([]) == "–" and mean_std_text([], empty="") == ""
 
 
+@pytest.mark.slow
 def test_benchmark_over_two_seeds_trains_a_teacher_per_seed(tmp_path):
     cfg = config_from_dict(TINY)
     report = run_benchmark(cfg, ["finetune"], tmp_path / "run", tmp_path / "res", "tiny", command="test", tag="s", seeds=[0, 1])
