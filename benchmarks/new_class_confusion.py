@@ -14,6 +14,9 @@ boxes, which the distilled model scores higher on old defects, then remove the n
 `--old-new`, the step setting `incremental.old_new_nms`: a new-class box goes where a higher-scored old-class box
 overlaps it; old boxes stay, and within a group NMS stays per class. `--set data.val_fraction=0.2` measures on the
 validation split the run held out (the checkpoints must have been trained with the same setting).
+`--old-damp G` (repeatable) uses the model's own old channels at inference instead: every new-class score is
+multiplied by (1 - the anchor's best old-class score)^G before post-processing, so a new-class box where the old
+classes are confident ranks lower within its class.
 """
 from __future__ import annotations
 
@@ -21,12 +24,38 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdidd.config import load_config
 from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.run_data import channel_view, load_run_data
 from sdidd.engine.evaluation import evaluate_model
+
+
+class OldDamped(nn.Module):
+    """Wraps a GFL model: new-class scores times (1 - best old-class score at the anchor)^gamma; old scores unchanged."""
+
+    def __init__(self, model: nn.Module, old: int, gamma: float) -> None:
+        super().__init__()
+        self.model, self.old, self.gamma = model, old, gamma
+
+    def forward(self, images: torch.Tensor):
+        """The wrapped model's dense output with the new-class logits re-scored."""
+        out = self.model(images)
+        p = out.cls.float().sigmoid()
+        damp = (1 - p[..., :self.old].amax(-1, keepdim=True)).clamp_min(1e-6) ** self.gamma
+        new = torch.logit((p[..., self.old:] * damp).clamp(1e-6, 1 - 1e-6))
+        out.cls = torch.cat([out.cls[..., :self.old].float(), new], dim=-1)
+        return out
+
+    def predict(self, images, image_sizes, scales=None, **kw):
+        """As GFL.predict, through the re-scored forward."""
+        return type(self.model).predict(self, images, image_sizes, scales, **kw)
+
+    def postprocess(self, out, image_sizes, **kw):
+        """GFL's post-processing of the re-scored output."""
+        return self.model.postprocess(out, image_sizes, **kw)
 
 
 def main() -> None:
@@ -37,6 +66,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--agnostic", action="store_true", help="also evaluate with NMS across classes (one box per place)")
     ap.add_argument("--old-new", action="store_true", help="also evaluate with NMS across old and new classes")
+    ap.add_argument("--old-damp", type=float, action="append", default=[], metavar="G",
+                    help="also evaluate with new-class scores times (1 - best old score)^G; repeatable")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (e.g. data.val_fraction=0.2); repeatable")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
@@ -58,8 +89,9 @@ def main() -> None:
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
         old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]
-        for mode, post in modes + (old_new if a.old_new else []):
-            full, part = (evaluate_model(model, ds, cfg.data, torch.device("cpu"), groups=groups,
+        damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g).eval()) for g in a.old_damp]
+        for mode, post, net in [(m, p, model) for m, p in modes + (old_new if a.old_new else [])] + damped:
+            full, part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
                                          postprocess=post).groups for ds in (test, clean))
             rows.append((name, mode, full["new"], part["new"], full["old"], full["all"]))
         n_all, n_clean = len(test.records), len(clean.records)

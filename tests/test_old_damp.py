@@ -1,0 +1,37 @@
+"""benchmarks/new_class_confusion.py --old-damp: new-class scores fall where the old classes are confident."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from test_model import tiny_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _confusion_script():
+    """Import benchmarks/new_class_confusion.py as a module."""
+    spec = importlib.util.spec_from_file_location("_bench_new_class_confusion", ROOT / "benchmarks" / "new_class_confusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_new_class_confusion"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_old_damped_scores_scale_new_classes_by_the_old_confidence_and_keep_old_ones() -> None:
+    torch.manual_seed(0)
+    model = tiny_detector(num_classes=5).eval()
+    images = torch.rand(2, 3, 64, 64)
+    plain = model(images).cls.sigmoid()
+    damped = _confusion_script().OldDamped(model, old=3, gamma=2.0).eval()
+    got = damped(images).cls.sigmoid()
+    assert torch.allclose(got[..., :3], plain[..., :3])
+    want = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True)) ** 2
+    assert torch.allclose(got[..., 3:], want, atol=1e-5)
+    assert (got[..., 3:] < plain[..., 3:]).all()  # every old score is > 0, so every new score falls
+    # detections go through the re-scored output: predict's new-class scores are never above the plain model's
+    sizes = [(64, 64), (64, 64)]
+    for a, b in zip(damped.predict(images, sizes, score_thr=0.0), model.predict(images, sizes, score_thr=0.0)):
+        new_a, new_b = a["scores"][a["labels"] >= 3], b["scores"][b["labels"] >= 3]
+        assert new_a.max() < new_b.max()
