@@ -16,7 +16,8 @@ overlaps it; old boxes stay, and within a group NMS stays per class. `--set data
 validation split the run held out (the checkpoints must have been trained with the same setting).
 `--old-damp G` (repeatable) uses the model's own old channels at inference instead: every new-class score is
 multiplied by (1 - the anchor's best old-class score)^G before post-processing, so a new-class box where the old
-classes are confident ranks lower within its class.
+classes are confident ranks lower within its class; with `--damp-by TEACHER.pth` the old scores come from that model
+(the frozen old teacher, run beside the model) instead of the model's own old channels.
 """
 from __future__ import annotations
 
@@ -34,17 +35,21 @@ from sdidd.engine.evaluation import evaluate_model
 
 
 class OldDamped(nn.Module):
-    """Wraps a GFL model: new-class scores times (1 - best old-class score at the anchor)^gamma; old scores unchanged."""
+    """Wraps a GFL model: new-class scores times (1 - best old-class score at the anchor)^gamma; old scores unchanged.
 
-    def __init__(self, model: nn.Module, old: int, gamma: float) -> None:
+    The old-class scores are the model's own first `old` channels, or those of `scorer` (e.g. the old teacher).
+    """
+
+    def __init__(self, model: nn.Module, old: int, gamma: float, scorer: nn.Module | None = None) -> None:
         super().__init__()
-        self.model, self.old, self.gamma = model, old, gamma
+        self.model, self.old, self.gamma, self.scorer = model, old, gamma, scorer
 
     def forward(self, images: torch.Tensor):
         """The wrapped model's dense output with the new-class logits re-scored."""
         out = self.model(images)
         p = out.cls.float().sigmoid()
-        damp = (1 - p[..., :self.old].amax(-1, keepdim=True)).clamp_min(1e-6) ** self.gamma
+        q = p if self.scorer is None else self.scorer(images).cls.float().sigmoid()
+        damp = (1 - q[..., :self.old].amax(-1, keepdim=True)).clamp_min(1e-6) ** self.gamma
         new = torch.logit((p[..., self.old:] * damp).clamp(1e-6, 1 - 1e-6))
         out.cls = torch.cat([out.cls[..., :self.old].float(), new], dim=-1)
         return out
@@ -68,6 +73,7 @@ def main() -> None:
     ap.add_argument("--old-new", action="store_true", help="also evaluate with NMS across old and new classes")
     ap.add_argument("--old-damp", type=float, action="append", default=[], metavar="G",
                     help="also evaluate with new-class scores times (1 - best old score)^G; repeatable")
+    ap.add_argument("--damp-by", metavar="CHECKPOINT", help="with --old-damp: take the old-class scores from this model")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (e.g. data.val_fraction=0.2); repeatable")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
@@ -79,6 +85,7 @@ def main() -> None:
     cfg = load_config(a.recipe, a.set)
     data = load_run_data(cfg.data)
     rows = []
+    scorer = model_from_checkpoint(load_checkpoint(a.damp_by)).eval() if a.damp_by else None
     modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
     for item in a.models:
         name, path = item.split("=", 1)
@@ -89,7 +96,7 @@ def main() -> None:
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
         old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]
-        damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g).eval()) for g in a.old_damp]
+        damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g, scorer).eval()) for g in a.old_damp]
         for mode, post, net in [(m, p, model) for m, p in modes + (old_new if a.old_new else [])] + damped:
             full, part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
                                          postprocess=post).groups for ds in (test, clean))

@@ -35,3 +35,16 @@ def test_old_damped_scores_scale_new_classes_by_the_old_confidence_and_keep_old_
     for a, b in zip(damped.predict(images, sizes, score_thr=0.0), model.predict(images, sizes, score_thr=0.0)):
         new_a, new_b = a["scores"][a["labels"] >= 3], b["scores"][b["labels"] >= 3]
         assert new_a.max() < new_b.max()
+
+
+def test_old_damped_scores_can_come_from_another_model() -> None:
+    model, scorer = tiny_detector(num_classes=5).eval(), tiny_detector(num_classes=3).eval()
+    torch.manual_seed(1)
+    for p in scorer.parameters():  # a different model than `model`'s own old channels
+        p.data.add_(0.05 * torch.randn_like(p))
+    images = torch.rand(1, 3, 64, 64)
+    plain, q = model(images).cls.sigmoid(), scorer(images).cls.sigmoid()
+    got = _confusion_script().OldDamped(model, old=3, gamma=1.0, scorer=scorer).eval()(images).cls.sigmoid()
+    assert torch.allclose(got[..., 3:], plain[..., 3:] * (1 - q.amax(-1, keepdim=True)), atol=1e-5)
+    own = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True))
+    assert not torch.allclose(got[..., 3:], own, atol=1e-4)
