@@ -95,8 +95,8 @@ def main() -> None:
         # "without old defects": no box of any dataset class outside the model's new channels, read from the full
         # labels, so a model that knows only the new classes (--old 0) is measured on the same images
         new_names = set(classes[a.old:])
-        full = channel_view(data.test, list(data.classes), keep_empty=True)
-        foreign = {r.image_id for r in full.records if any(data.classes[int(c)] not in new_names for c in r.labels)}
+        labelled = channel_view(data.test, list(data.classes), keep_empty=True)
+        foreign = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in new_names for c in r.labels)}
         clean = test.with_records([r for r in test.records if r.image_id not in foreign])
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
