@@ -81,11 +81,14 @@ def main() -> None:
     bad = [m for m in a.models if "=" not in m or not m.split("=", 1)[1]]
     if bad:
         ap.error(f"{bad[0]!r}: expected NAME=CHECKPOINT")
+    if a.damp_by and not a.old_damp:
+        ap.error("--damp-by needs --old-damp G (the exponent of the damping)")
     torch.set_num_threads(a.threads)
     cfg = load_config(a.recipe, a.set)
     data = load_run_data(cfg.data)
     rows = []
     scorer = model_from_checkpoint(load_checkpoint(a.damp_by)).eval() if a.damp_by else None
+    labelled = channel_view(data.test, list(data.classes), keep_empty=True)  # every box, for "without old defects"
     modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
     for item in a.models:
         name, path = item.split("=", 1)
@@ -95,7 +98,6 @@ def main() -> None:
         # "without old defects": no box of any dataset class outside the model's new channels, read from the full
         # labels, so a model that knows only the new classes (--old 0) is measured on the same images
         new_names = set(classes[a.old:])
-        labelled = channel_view(data.test, list(data.classes), keep_empty=True)
         foreign = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in new_names for c in r.labels)}
         clean = test.with_records([r for r in test.records if r.image_id not in foreign])
         model = model_from_checkpoint(state).eval()
