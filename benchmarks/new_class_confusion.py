@@ -8,7 +8,9 @@ were learnt well. Evaluating the new classes again on the test images without an
     python benchmarks/new_class_confusion.py --recipe neu_det_quick --old 3 joint=RUN/joint/step1/last.pth \
         finetune=RUN/finetune/step1/last.pth sdidd=RUN/sdidd/step1/last.pth
 
-Prints a Markdown table (new-class mAP50 on both sets, and the number of images in each). With `--agnostic` each
+Prints a Markdown table (new-class mAP50 on both sets, and the number of images in each). The same holds the
+other way: the old classes are measured again on the images without a new-class defect, where calling a new
+defect an old one cannot cost them (the old teacher never saw the new defects either). With `--agnostic` each
 model is also evaluated with NMS across classes (one box per place, the best-scored class's): the old classes'
 boxes, which the distilled model scores higher on old defects, then remove the new-class boxes on them. With
 `--old-new`, the step setting `incremental.old_new_nms`: a new-class box goes where a higher-scored old-class box
@@ -32,6 +34,8 @@ from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.run_data import channel_view, load_run_data
 from sdidd.engine.evaluation import evaluate_model
+from sdidd.model.anchors import AnchorGrid
+from sdidd.model.detector import DenseOutput
 
 
 class OldDamped(nn.Module):
@@ -63,6 +67,41 @@ class OldDamped(nn.Module):
         return self.model.postprocess(out, image_sizes, **kw)
 
 
+class TwoModels(nn.Module):
+    """The old classes from `old_model` (the frozen teacher), the new ones from `model`'s channels `old` and up.
+
+    Both dense outputs are joined along the anchor axis: the teacher's anchors carry only old-class scores and its
+    boxes, the model's anchors only its new-class scores (times (1 - the teacher's best old score there)^gamma)
+    and its boxes, so GFL's post-processing runs unchanged, NMS within each class. Two forwards per image.
+    """
+
+    def __init__(self, old_model: nn.Module, model: nn.Module, old: int, gamma: float = 0.0) -> None:
+        super().__init__()
+        self.old_model, self.model, self.old, self.gamma = old_model, model, old, gamma
+
+    def forward(self, images: torch.Tensor) -> DenseOutput:
+        """One dense output over both models' anchors."""
+        t, n = self.old_model(images), self.model(images)
+        pt = t.cls.float().sigmoid()[..., :self.old]
+        pn = n.cls.float().sigmoid()[..., self.old:]
+        pn = pn * (1 - pt.amax(-1, keepdim=True)).clamp_min(1e-6) ** self.gamma
+        off = torch.full_like(pt[..., :1], -30.0)  # a logit no score threshold lets through
+        cls = torch.cat([torch.cat([t.cls[..., :self.old].float(), off.expand(*pn.shape)], -1),
+                         torch.cat([off.expand(*pt.shape), torch.logit(pn.clamp(1e-6, 1 - 1e-6))], -1)], dim=1)
+        g, h = t.grid, n.grid
+        grid = AnchorGrid(torch.cat([g.points, h.points]), torch.cat([g.strides, h.strides]),
+                          g.num_per_level + h.num_per_level, g.sizes + h.sizes)
+        return DenseOutput(cls, torch.cat([t.reg.float(), n.reg.float()], dim=1), [], grid)
+
+    def predict(self, images, image_sizes, scales=None, **kw):
+        """As GFL.predict, through the joined output."""
+        return type(self.model).predict(self, images, image_sizes, scales, **kw)
+
+    def postprocess(self, out, image_sizes, **kw):
+        """GFL's post-processing of the joined output."""
+        return self.model.postprocess(out, image_sizes, **kw)
+
+
 def main() -> None:
     """Evaluate each NAME=CHECKPOINT's new classes (channels --old and up) on both test sets; print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,6 +113,9 @@ def main() -> None:
     ap.add_argument("--old-damp", type=float, action="append", default=[], metavar="G",
                     help="also evaluate with new-class scores times (1 - best old score)^G; repeatable")
     ap.add_argument("--damp-by", metavar="CHECKPOINT", help="with --old-damp: take the old-class scores from this model")
+    ap.add_argument("--old-from", metavar="CHECKPOINT",
+                    help="also evaluate each model with its old classes taken from this model (two models at "
+                         "inference; with --old-damp, the new classes damped by its old scores)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (e.g. data.val_fraction=0.2); repeatable")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
@@ -88,6 +130,7 @@ def main() -> None:
     data = load_run_data(cfg.data)
     rows = []
     scorer = model_from_checkpoint(load_checkpoint(a.damp_by)).eval() if a.damp_by else None
+    old_model = model_from_checkpoint(load_checkpoint(a.old_from)).eval() if a.old_from else None
     labelled = channel_view(data.test, list(data.classes), keep_empty=True)  # every box, for "without old defects"
     modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
     for item in a.models:
@@ -100,19 +143,29 @@ def main() -> None:
         new_names = set(classes[a.old:])
         foreign = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in new_names for c in r.labels)}
         clean = test.with_records([r for r in test.records if r.image_id not in foreign])
+        # "without new defects": no box of a class outside the model's old channels (for the old teacher too)
+        old_names = set(classes[:a.old])
+        with_new = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in old_names for c in r.labels)}
+        no_new = test.with_records([r for r in test.records if r.image_id not in with_new])
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
         old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]
         damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g, scorer).eval()) for g in a.old_damp]
+        if old_model is not None:
+            damped += [(f"old classes from {Path(a.old_from).name}" + (f", new damped G = {g:g}" if g else ""), {},
+                        TwoModels(old_model, model, a.old, g).eval()) for g in [0.0, *a.old_damp]]
         for mode, post, net in [(m, p, model) for m, p in modes + (old_new if a.old_new else [])] + damped:
-            full, part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
-                                         postprocess=post).groups for ds in (test, clean))
-            rows.append((name, mode, full["new"], part["new"], full["old"], full["all"]))
-        n_all, n_clean = len(test.records), len(clean.records)
+            full, part, old_part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
+                                                   postprocess=post).groups if ds is not None else None
+                                    for ds in (test, clean, no_new if a.old else None))
+            rows.append((name, mode, full["new"], part["new"], full["old"], old_part["old"] if old_part else None,
+                         full["all"]))
+        n_all, n_clean, n_no_new = len(test.records), len(clean.records), len(no_new.records)
     where = "validation" if cfg.data.val_fraction else "test"
     lines = [f"| model | NMS | new mAP50, all {n_all} {where} images | new mAP50, the {n_clean} without old defects "
-             "| old mAP50 | all mAP50 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {m} | {f:.1f} | {c:.1f} | {o:.1f} | {al:.1f} |" for n, m, f, c, o, al in rows]
+             f"| old mAP50 | old mAP50, the {n_no_new} without new defects | all mAP50 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {m} | {f:.1f} | {c:.1f} | {o:.1f} | {'–' if on is None else f'{on:.1f}'} | {al:.1f} |"
+              for n, m, f, c, o, on, al in rows]
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

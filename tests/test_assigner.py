@@ -256,3 +256,22 @@ def test_batched_assignment_all_padding_and_no_gt():
         assert torch.isfinite(asg.iou).all() and torch.isfinite(asg.gt_boxes).all()  # padding never leaks NaN
         assert not asg.vlr_region().any() and not asg.finegrained_mask().any()
         assert asg.assigned_boxes.shape == (2, grid.points.shape[0], 4)
+
+
+def test_inside_boxes_matches_brute_force_and_skips_padding_and_lower_labels():
+    """An anchor is inside when its centre lies strictly inside a real GT whose channel is >= min_label."""
+    _, boxes, labels = _padded_batch()
+    labels = torch.where(labels >= 0, labels + 1, labels)  # channels 1.. so that min_label 3 leaves some out
+    grid = make_anchor_grid([(math.ceil(64 / s), math.ceil(96 / s)) for s in STRIDES], STRIDES, torch.device("cpu"))
+    asg = assign_targets(grid, boxes, labels)
+    for min_label in (0, 3):
+        got = asg.inside_boxes(min_label)
+        assert got.shape == (3, grid.points.shape[0])
+        for b in range(3):
+            for a in range(0, grid.points.shape[0], 7):
+                x, y = grid.points[a].tolist()
+                want = any(lab >= 0 and lab >= min_label and box[0] < x < box[2] and box[1] < y < box[3]
+                           for box, lab in zip(boxes[b].tolist(), labels[b].tolist()))
+                assert bool(got[b, a]) == want, (min_label, b, a)
+    assert not asg.inside_boxes(0)[1].any()  # the image without GTs
+    assert asg.inside_boxes(0)[0].any() and asg.inside_boxes(100).sum() == 0

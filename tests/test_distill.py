@@ -742,3 +742,28 @@ def test_a_new_term_is_its_function_plus_one_table_entry_switched_on_by_its_name
         config_from_dict({"distill": {"terms": {"hccd": 0.5}}})
     with pytest.raises(SdiddError, match="distill.terms.*expected a mapping"):
         config_from_dict({"distill": {"terms": 0.5}})
+
+
+def test_hccd_outside_new_leaves_the_new_boxes_to_the_labels():
+    """distill.hccd_outside_new: where the teacher calls a new defect an old one, HCCD no longer copies that; with
+    pseudo-labels the old channels there become QFL negatives (the label says "not an old defect")."""
+    s, t, boxes, labels, sizes = _step_inputs()
+    t.cls[:, :, :] = -8.0
+    x, y = s.grid.points[:, 0], s.grid.points[:, 1]
+    inside = ((x > 10) & (x < 30) & (y > 10) & (y < 34) & (s.grid.strides == 8)).nonzero().flatten().tolist()
+    assert len(inside) == 9  # P3 anchors with centres inside the small new box [10, 10, 30, 34]
+    t.cls[:, inside, 1] = 6.0  # the teacher is sure of an old class on the new defect
+    pseudo = torch.tensor([True, True, True, False, False, False])
+    grads, counts = {}, {}
+    for on in (False, True):
+        s.cls.grad = None
+        cfg = DistillConfig(hccd=True, hccd_form="bce", erd_box=False, dscrd=False, idfd=False, hccd_min_score=0.1,
+                            pseudo_ignore_confident=True, hccd_outside_new=on)
+        total, log = step_loss(s, t, boxes, labels, sizes, torch.ones(6, dtype=torch.bool), LossConfig(), 2.0, cfg,
+                               pseudo_channels=pseudo)
+        total.backward()
+        grads[on], counts[on] = s.cls.grad.clone(), float(log["n_hccd"])
+    assert counts[False] > 0 and counts[True] < counts[False]
+    g_off, g_on = grads[False][0, inside, 1], grads[True][0, inside, 1]
+    assert (g_off < 0).all()  # HCCD pulls the student's old channel up toward the teacher's score there
+    assert (g_on > 0).all()  # now QFL pushes it down: the new box says it is not an old defect

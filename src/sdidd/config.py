@@ -149,6 +149,9 @@ class DistillConfig:
     # With pseudo-labels the old channels get QFL supervision, 0 wherever no pseudo-label lies. True: not at the anchors
     # HCCD distils (the teacher is confident there: an old defect that got no pseudo-label), so the two never disagree.
     pseudo_ignore_confident: Optional[bool] = None
+    # True: HCCD (and the pseudo-label QFL's skip of HCCD's anchors) leaves out anchors inside a new-class box: the
+    # teacher, which never saw the new defects, often calls them old ones there, and the label says they are not.
+    hccd_outside_new: Optional[bool] = None
     # New-class teacher (distill/new_teacher.py): a model that knows the step's new classes distils their scores and
     # their boxes at the new positives. A checkpoint path, or "finetune": fine-tune the teacher on the step's data first.
     new_teacher: Optional[str] = None

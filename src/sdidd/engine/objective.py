@@ -48,6 +48,8 @@ def step_loss(student: DenseOutput, teacher: Optional[DenseOutput], gt_boxes: Te
         ignore = pseudo_channels is not None and bool(distill.pseudo_ignore_confident)
         if distill.hccd or ignore:  # HCCD's selection, computed once (the hccd term reads it)
             confident = confident_mask(teacher.cls.float(), min_score=distill.hccd_min_score or 0.0, valid=valid)  # [B, A]
+            if distill.hccd_outside_new:  # the new label says "not an old defect" there, whatever the teacher says
+                confident = confident & ~asg.inside_boxes(min_label=teacher.cls.shape[-1])
         if ignore:
             pc = pseudo_channels.to(confident.device)
             qfl_ignore = (confident & ~asg.pos_mask)[..., None] & (pc[:, None, :] if pc.dim() == 2 else pc)

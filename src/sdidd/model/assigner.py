@@ -132,6 +132,15 @@ class Assignment:
         lab = self.gt_labels.gather(1, self.assigned.clamp(min=0))
         return torch.where(self.pos_mask, lab, torch.full_like(lab, -1))
 
+    def inside_boxes(self, min_label: int = 0) -> Tensor:
+        """[B, A] bool: the anchor's centre lies inside a real GT box whose channel is >= `min_label`."""
+        centre = _centres(self.anchors)  # [A, 2]
+        x, y = centre[None, :, None, 0], centre[None, :, None, 1]
+        b = self.gt_boxes[:, None]  # [B, 1, G, 4]
+        inside = (x > b[..., 0]) & (x < b[..., 2]) & (y > b[..., 1]) & (y < b[..., 3])  # [B, A, G]
+        wanted = self.gt_valid & (self.gt_labels >= min_label)  # [B, G]
+        return (inside & wanted[:, None, :]).any(dim=-1)
+
     def vlr_region(self, low: float = 0.25) -> Tensor:
         """[B, A] VLR value (see :func:`vlr_region`) from the stored IoU and thresholds."""
         return vlr_region(self.anchors, self.gt_boxes, self.threshold, low, iou=self.iou, gt_valid=self.gt_valid)
