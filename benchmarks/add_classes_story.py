@@ -52,19 +52,37 @@ def main() -> None:
     ap.add_argument("--report", required=True, help="path without suffix for the .json and .md")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for the base model and every step (e.g. train.min_iters=20 for a smoke run)")
+    ap.add_argument("--extend", action="store_true",
+                    help="add methods or seeds to the story in --out: its datasets and base model are reused, the runs "
+                         "the --report JSON holds are kept, only the missing ones run")
     a = ap.parse_args()
     out = Path(a.out)
-    if out.exists():
-        sys.exit(f"{out}: exists; give a new folder (a story run never reuses another's files)")
     methods, seeds = a.methods.split(","), [int(s) for s in a.seeds.split(",")]
     data = out / "defects"
-    started = datetime.datetime.now(datetime.timezone.utc)
-    _run(["sdidd", "demo", "--export", str(data)])
-    base_s = _run(["sdidd", "train", "synthetic_quick", f"data={data}/base/data.yaml", f"train.out_dir={out}/base", *a.set])
+    report = Path(a.report)
+    rows, earlier = [], None
+    if a.extend:
+        if not report.with_suffix(".json").is_file() or not (out / "base" / "last.pth").is_file():
+            sys.exit(f"--extend needs the story's base model ({out}/base/last.pth) and its report JSON "
+                     f"({report.with_suffix('.json')})")
+        earlier = json.loads(report.with_suffix(".json").read_text())
+        if earlier.get("set", []) != a.set:
+            sys.exit(f"--extend: the story ran with --set {earlier.get('set', [])}, not {a.set}")
+        rows = [r for r in earlier["runs"] if r["method"] in methods and r["seed"] in seeds]
+        started = datetime.datetime.fromisoformat(earlier["date"])
+        base_s = earlier["base"]["seconds"]
+    elif out.exists():
+        sys.exit(f"{out}: exists; give a new folder (a story run never reuses another's files), or --extend it")
+    else:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        _run(["sdidd", "demo", "--export", str(data)])
+        base_s = _run(["sdidd", "train", "synthetic_quick", f"data={data}/base/data.yaml", f"train.out_dir={out}/base", *a.set])
     base = json.loads((out / "base" / "metrics.json").read_text())
-    rows = []
+    done = {(r["method"], r["seed"]) for r in rows}
     for m in methods:
         for s in seeds:
+            if (m, s) in done:
+                continue
             run = out / f"{m}_s{s}"
             secs = _run(["sdidd", "add-classes", f"{out}/base/last.pth", f"{data}/new/data.yaml", "--old-test",
                          f"{data}/base/data.yaml", "--out", str(run), "--method", m, f"train.seed={s}", *a.set])
@@ -72,10 +90,13 @@ def main() -> None:
             steps = json.loads((run / "metrics.json").read_text())
             rows.append({"method": m, "seed": s, "seconds": round(secs, 1), "groups": res["groups"], "rows": res["rows"],
                          "iterations": steps["stats"]["iterations"], "images": steps["stats"]["images"]})
+    rows.sort(key=lambda r: (methods.index(r["method"]), seeds.index(r["seed"])))
     cmd = ("python benchmarks/add_classes_story.py " + " ".join(sys.argv[1:]))
-    record = {"command": cmd, "commit": _commit(), "machine": machine_description(), "date": started.isoformat(),
-              "base": {"seconds": round(base_s, 1), "metrics": base}, "runs": rows}
-    report = Path(a.report)
+    commit = _commit()
+    if earlier is not None:  # the story's own command and code first, then what extended it
+        cmd, commit = f"{earlier['command']}`, extended by `{cmd}", f"{earlier['commit']}`, extended at `{commit}"
+    record = {"command": cmd, "commit": commit, "machine": machine_description(), "date": started.isoformat(),
+              "set": a.set, "base": {"seconds": round(base_s, 1), "metrics": base}, "runs": rows}
     report.parent.mkdir(parents=True, exist_ok=True)
     report.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 

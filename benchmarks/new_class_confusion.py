@@ -34,8 +34,7 @@ from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.run_data import channel_view, load_run_data
 from sdidd.engine.evaluation import evaluate_model
-from sdidd.model.anchors import AnchorGrid
-from sdidd.model.detector import DenseOutput
+from sdidd.model.stack import ModelStack
 
 
 class OldDamped(nn.Module):
@@ -64,41 +63,6 @@ class OldDamped(nn.Module):
 
     def postprocess(self, out, image_sizes, **kw):
         """GFL's post-processing of the re-scored output."""
-        return self.model.postprocess(out, image_sizes, **kw)
-
-
-class TwoModels(nn.Module):
-    """The old classes from `old_model` (the frozen teacher), the new ones from `model`'s channels `old` and up.
-
-    Both dense outputs are joined along the anchor axis: the teacher's anchors carry only old-class scores and its
-    boxes, the model's anchors only its new-class scores (times (1 - the teacher's best old score there)^gamma)
-    and its boxes, so GFL's post-processing runs unchanged, NMS within each class. Two forwards per image.
-    """
-
-    def __init__(self, old_model: nn.Module, model: nn.Module, old: int, gamma: float = 0.0) -> None:
-        super().__init__()
-        self.old_model, self.model, self.old, self.gamma = old_model, model, old, gamma
-
-    def forward(self, images: torch.Tensor) -> DenseOutput:
-        """One dense output over both models' anchors."""
-        t, n = self.old_model(images), self.model(images)
-        pt = t.cls.float().sigmoid()[..., :self.old]
-        pn = n.cls.float().sigmoid()[..., self.old:]
-        pn = pn * (1 - pt.amax(-1, keepdim=True)).clamp_min(1e-6) ** self.gamma
-        off = torch.full_like(pt[..., :1], -30.0)  # a logit no score threshold lets through
-        cls = torch.cat([torch.cat([t.cls[..., :self.old].float(), off.expand(*pn.shape)], -1),
-                         torch.cat([off.expand(*pt.shape), torch.logit(pn.clamp(1e-6, 1 - 1e-6))], -1)], dim=1)
-        g, h = t.grid, n.grid
-        grid = AnchorGrid(torch.cat([g.points, h.points]), torch.cat([g.strides, h.strides]),
-                          g.num_per_level + h.num_per_level, g.sizes + h.sizes)
-        return DenseOutput(cls, torch.cat([t.reg.float(), n.reg.float()], dim=1), [], grid)
-
-    def predict(self, images, image_sizes, scales=None, **kw):
-        """As GFL.predict, through the joined output."""
-        return type(self.model).predict(self, images, image_sizes, scales, **kw)
-
-    def postprocess(self, out, image_sizes, **kw):
-        """GFL's post-processing of the joined output."""
         return self.model.postprocess(out, image_sizes, **kw)
 
 
@@ -153,7 +117,7 @@ def main() -> None:
         damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g, scorer).eval()) for g in a.old_damp]
         if old_model is not None:
             damped += [(f"old classes from {Path(a.old_from).name}" + (f", new damped G = {g:g}" if g else ""), {},
-                        TwoModels(old_model, model, a.old, g).eval()) for g in [0.0, *a.old_damp]]
+                        ModelStack([old_model, model], [a.old, len(classes)], g).eval()) for g in [0.0, *a.old_damp]]
         for mode, post, net in [(m, p, model) for m, p in modes + (old_new if a.old_new else [])] + damped:
             full, part, old_part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
                                                    postprocess=post).groups if ds is not None else None

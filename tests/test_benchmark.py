@@ -164,3 +164,18 @@ def test_a_report_of_a_validation_run_says_it_was_not_measured_on_the_test_split
     report["settings"]["val_fraction"] = 0.2
     md = markdown_report(report)
     assert "**validation split**: 20% of the training images" in md and "on the test split" not in md
+
+
+@pytest.mark.slow
+def test_two_models_rows_reuse_the_finetune_training_and_stack_over_three_steps(tmp_path):
+    """The two-models row trains nothing the finetune row trained: every step starts from its finished checkpoint
+    (same teacher, data, seed), and its model is the stack of every step's detector."""
+    from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    cfg = config_from_dict({**TINY, "incremental": {"protocol": "2+1+1"}})
+    report = run_benchmark(cfg, ["finetune", "two-models"], tmp_path / "run", tmp_path / "res", "tiny", command="test", tag="m")
+    for k in (1, 2):
+        ft, tm = (load_checkpoint(tmp_path / "run" / m / f"step{k}" / "last.pth") for m in ("finetune", "two-models"))
+        assert tm["method"] == "two-models" and all(torch.equal(ft["model"][n], tm["model"][n]) for n in ft["model"])
+    stack = model_from_checkpoint(tm)
+    assert stack.ends == [2, 3, 4] and len(stack.members) == 3
+    assert 0.0 <= report["methods"]["two-models"]["map50_all"] <= 100.0

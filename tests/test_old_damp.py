@@ -48,23 +48,3 @@ def test_old_damped_scores_can_come_from_another_model() -> None:
     assert torch.allclose(got[..., 3:], plain[..., 3:] * (1 - q.amax(-1, keepdim=True)), atol=1e-5)
     own = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True))
     assert not torch.allclose(got[..., 3:], own, atol=1e-4)
-
-
-def test_two_models_take_the_old_classes_from_the_teacher_and_the_new_ones_from_the_model() -> None:
-    """--old-from: every old-class detection is the teacher's, every new-class one the model's (damped with G)."""
-    torch.manual_seed(2)
-    teacher, model = tiny_detector(num_classes=3).eval(), tiny_detector(num_classes=5).eval()
-    images, sizes = torch.rand(1, 3, 64, 64), [(64, 64)]
-    mod = _confusion_script()
-    kw = dict(score_thr=1e-9, max_per_img=10_000, nms_pre=10_000)  # above the joined output's "off" logit
-    both = mod.TwoModels(teacher, model, old=3).eval().predict(images, sizes, **kw)[0]
-    t, m = teacher.predict(images, sizes, **kw)[0], model.predict(images, sizes, **kw)[0]
-    for c in range(5):
-        want = (t if c < 3 else m)
-        got_s, want_s = both["scores"][both["labels"] == c], want["scores"][want["labels"] == c]
-        assert len(got_s) == len(want_s) > 0, c
-        assert torch.allclose(got_s.sort().values, want_s.sort().values, atol=1e-5), c
-    damped = mod.TwoModels(teacher, model, old=3, gamma=1.0).eval().predict(images, sizes, **kw)[0]
-    assert damped["scores"][damped["labels"] >= 3].max() < both["scores"][both["labels"] >= 3].max()
-    assert torch.allclose(damped["scores"][damped["labels"] < 3].sort().values,
-                          both["scores"][both["labels"] < 3].sort().values)

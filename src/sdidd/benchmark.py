@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -125,6 +126,8 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = method_config(cfg, method)
+        if base == "two-models":
+            reuse_finetune(out_dir / "finetune", out_dir / method, len(groups) - 1)
         # Step 1's new-class teacher (distill.new_teacher=finetune) is the finetune method's step 1: same teacher, data, seed.
         results = run_steps(mcfg, data, step_specs(groups, base, mcfg.incremental.old_labels)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
                             teacher=teacher_res.model,
@@ -143,6 +146,18 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
         _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
+
+
+def reuse_finetune(finetune_dir: Path, two_models_dir: Path, steps: int) -> None:
+    """Start a two-models row from the finetune row's finished steps: its trained detector is that very fine-tune
+    (same teacher, data, seed and schedule), so only the joined model is evaluated again."""
+    for k in range(1, steps + 1):
+        src, dst = finetune_dir / f"step{k}" / "last.pth", two_models_dir / f"step{k}" / "last.pth"
+        if src.is_file() and not dst.parent.exists() and dist.is_main():
+            dst.parent.mkdir(parents=True)
+            shutil.copyfile(src, dst)
+            log.info(f"two-models step {k}: the finetune row's training reused ({src})")
+    dist.barrier()
 
 
 def report_header(cfg: Config, groups: list[list[str]], protocol: str, profile: str, command: str) -> dict[str, Any]:
@@ -378,6 +393,11 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
         out += ["", "A new-class teacher's own training (the fine-tune of the step, shared with `finetune` when both run): "
                 + ", ".join(f"{n} {m[n]['new_teacher_seconds']:.0f} s" for n in dual)
                 + "; its forward pass per iteration is in the method's train s."]
+    stacks = [n for n in m if METHODS.get(n) and (METHODS[n].variant_of or n) == "two-models"]
+    if stacks:  # its training is a fine-tune's; the price is paid at inference
+        out += ["", f"{', '.join(stacks)}: the trained detector is the step's fine-tune (the `finetune` row's own run is "
+                "reused when both run, so its train s are that run's); inference runs one detector per step, the old "
+                "model and the new one (twice a single model's forward time after one step)."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)"]
         if "sdidd" in m:  # the curves are drawn from the sdidd run's log

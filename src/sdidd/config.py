@@ -174,7 +174,7 @@ class IncrementalConfig:
 
     protocol: Optional[str] = None  # e.g. "3+3", "2+2+2" (first classes of the dataset order first)
     groups: Optional[list[list[str]]] = None  # explicit class groups (overrides protocol)
-    method: str = "sdidd"  # finetune | erd | sdidd | sdidd+ | joint
+    method: str = "sdidd"  # finetune | erd | sdidd | sdidd+ | two-models | joint
     teacher: Optional[str] = None  # checkpoint of the previous step; None: train the base step first
     start_step: Optional[int] = None  # with teacher: the step to run (default: the step after the teacher's)
     new_class_init: str = "prior"  # prior (GFL bias init) | default (PyTorch default, as released)
@@ -193,6 +193,9 @@ class IncrementalConfig:
     # of an old class overlaps it (IoU > 0.6). The added classes never saw an old defect labelled "not new" and fire
     # on old defects; the distilled old channels score those higher. False: per-class NMS, the paper's protocol.
     old_new_nms: bool = False
+    # Method two-models: a later model's class scores x (1 - the earlier models' best score there)^this, so the new
+    # classes, trained on new labels only, stay quiet on old defects (chosen on NEU-DET's validation split: 1 or 2).
+    new_score_damp: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -478,6 +481,7 @@ def validate(cfg: Config) -> None:
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
+    need(inc.new_score_damp >= 0, "incremental.new_score_damp", "must be >= 0 (0: no damping)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
          "incremental.milestones", "must be increasing epochs >= 1")
     need(inc.start_step is None or inc.start_step >= 1, "incremental.start_step", "must be >= 1 (step 0 has no teacher)")

@@ -176,19 +176,28 @@ def postprocess_onnx_outputs(boxes: Any, scores: Any, image_sizes: Optional[Sequ
 
 
 def _export_module(model: Any, size: int) -> Any:
-    """The detector with decoding, as a module whose forward maps images to (boxes, scores)."""
+    """The detector with decoding, as a module whose forward maps images to (boxes, scores).
+
+    A two-models checkpoint (model/stack.py) exports every member's anchors one after the other, as the stack's
+    own output: A is then the anchors of one member times the members, and the metadata's num_per_level says so.
+    """
     import torch
     from torch import nn
 
     from .model.anchors import make_anchor_grid
     from .model.head import distance2bbox, integral
+    from .model.stack import ModelStack, stack_scores
+
+    members = list(model.members) if isinstance(model, ModelStack) else [model]
+    ends = list(model.ends) if isinstance(model, ModelStack) else None
 
     class DecodedGFL(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.members = nn.ModuleList(members)
+            self.damp = getattr(model, "damp", 0.0)
             with torch.no_grad():
-                feats = model.features(torch.zeros(1, 3, size, size))
+                feats = members[0].features(torch.zeros(1, 3, size, size))
             grid = make_anchor_grid([tuple(f.shape[-2:]) for f in feats], list(STRIDES), torch.device("cpu"))
             if grid.num_per_level != level_counts(size):  # the level layout postprocess_onnx_outputs assumes
                 raise RuntimeError(f"levels {grid.num_per_level} of a {size}px input differ from {level_counts(size)}")
@@ -197,8 +206,12 @@ def _export_module(model: Any, size: int) -> Any:
             self.register_buffer("strides", grid.strides[:, None], persistent=False)
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cls, reg = self.model.head(self.model.features(images))
-            return distance2bbox(self.points, integral(reg) * self.strides), cls.sigmoid()
+            outs = [m.head(m.features(images)) for m in self.members]
+            boxes = [distance2bbox(self.points, integral(reg) * self.strides) for _, reg in outs]
+            scores = [cls.sigmoid() for cls, _ in outs]
+            if ends is not None:
+                scores = stack_scores(scores, ends, self.damp)
+            return torch.cat(boxes, 1), torch.cat(scores, 1)
 
     return DecodedGFL().eval()
 
@@ -238,10 +251,13 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
                           dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
                           opset_version=opset, do_constant_folding=True, **kw)
     proto = onnx.load(str(out))
+    levels = level_counts(size) * len(getattr(model, "members", [model]))  # a two-models stack: each member's levels
     meta = {"classes": json.dumps(list(state["classes"])), "input_size": str(size), "strides": json.dumps(list(STRIDES)),
-            "num_per_level": json.dumps(level_counts(size)),
-            # the checkpoint's own settings (class_groups where its step evaluated with incremental.old_new_nms)
-            "postprocess": json.dumps({**POSTPROCESS, **checkpoint_postprocess(state, str(checkpoint))}),
+            "num_per_level": json.dumps(levels),
+            # the checkpoint's own settings (class_groups where its step evaluated with incremental.old_new_nms), and
+            # the anchor layout, so `postprocess_onnx_outputs(boxes, scores, ..., **postprocess)` fits any checkpoint
+            "postprocess": json.dumps({**POSTPROCESS, **checkpoint_postprocess(state, str(checkpoint)),
+                                       "num_per_level": levels}),
             "input": "float32 NCHW RGB 0-255, keep-ratio resize long side to input_size, zero-pad bottom/right",
             "backbone": str(state["detector"]["backbone"])}
     for k, v in meta.items():

@@ -41,6 +41,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "joint": Method("every label of every class seen so far (the upper bound)", _NONE),
     "finetune": Method("new labels only, no distillation (the lower bound)", _NONE, add_classes=True),
+    # Not distillation: the old model stays as it is and answers for the old classes; the step's fine-tune answers
+    # for the new ones, damped where the old model sees a defect (model/stack.py). Two forwards at inference.
+    "two-models": Method("the old model kept for the old classes, a fine-tune for the new ones (two forwards at "
+                         "inference)", _NONE, add_classes=True),
     "erd": Method("ERD: HCCD (L2 on logits, mu+2sigma) and elastic box distillation", {
         **_NONE, "hccd": True, "erd_box": True}, add_classes=True),
     "sdidd": Method("SD-IDD (the paper): ERD's terms, HCCD score floor, DSCRD and IDFD", {

@@ -18,6 +18,7 @@ from ..data import DetectionDataset
 from ..device import select_device
 from ..errors import SdiddError, shown
 from ..model.detector import GFL, DetectorConfig, build_detector
+from ..model.stack import ModelStack, newest, stacked
 from . import distributed as dist
 from .checkpoint import check_fits, load_checkpoint, load_weights, set_rng_state, settings_changed
 from .incremental import extend_student, freeze_teacher
@@ -104,6 +105,13 @@ class Step:
     replay_ids: frozenset[int] = frozenset()  # image ids of the replayed old images (engine/replay.py)
     replay_channels: Optional[torch.Tensor] = None  # [C] bool: the channels a replayed image supervises (the old ones)
     mode: TrainMode = TrainMode(amp=False, channels_last=False)  # precision and memory format (train.amp, channels_last)
+    kept: Optional[nn.Module] = None  # method two-models: the frozen earlier model(s) answering for the old classes
+
+    def inference_model(self) -> nn.Module:
+        """What the step's evaluation, checkpoint and next step use: the student, or with `kept` the stack of both."""
+        if self.kept is None:
+            return self.model
+        return stacked(self.kept, self.model, self.cfg.incremental.new_score_damp)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -123,7 +131,8 @@ def detector_config(cfg: Config, num_classes: int) -> DetectorConfig:
                           head_channels=m.head_channels, head_convs=m.head_convs, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
 
 
-def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teacher: Optional[GFL]) -> Step:
+def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path,
+               teacher: Optional[GFL | ModelStack]) -> Step:
     """Data views in the step's channel order, student (fresh or extended from `teacher`), optimiser, and resume."""
     t = cfg.train
     device = select_device(t.device)
@@ -147,6 +156,13 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
     if len(train_set) == 0:
         raise SdiddError(f"no training image holds a box of {spec.new_classes}")
 
+    kept: Optional[nn.Module] = None
+    if teacher is not None and method == "two-models":  # the old model answers for the old classes, frozen (model/stack.py)
+        kept = freeze_teacher(teacher.to(device))
+        teacher = newest(teacher)  # the student starts from the newest detector
+    elif isinstance(teacher, ModelStack):
+        raise SdiddError(f"step {spec.step} ({spec.method}): the teacher is a two-models checkpoint ({len(teacher.members)} "
+                         "detectors); distillation needs one network, so a step on top of it runs with method two-models")
     distill = resolved_distill(cfg, method) if teacher is not None else None
     trained = torch.zeros(len(spec.classes), dtype=torch.bool, device=device)
     trained[spec.num_old:] = True
@@ -187,11 +203,12 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path, teache
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": round(iterations(schedule, iters_per_epoch) / max(iters_per_epoch, 1), 2),
                        "iterations": float(iterations(schedule, iters_per_epoch)), "images": float(len(train_set)), **stats})
     step.pseudo_channels, step.replay_ids, step.replay_channels = pseudo_channels, replay_ids, replay_channels
+    step.kept = kept
     step.mode = train_mode(t.amp, t.channels_last, device)
     if data.val is not None:  # the same view when the val split is also what the final numbers are measured on
         step.val_set = test_set if data.val is data.test else channel_view(data.val, spec.classes, keep_empty=True)
     if t.resume and (step.out_dir / "last.pth").is_file():
-        _resume(step, teacher is not None, distilled=distill is not None and method != "finetune")
+        _resume(step, teacher is not None, distilled=distill is not None and method not in ("finetune", "two-models"))
     # Wrapped after resume, so DDP's start-up broadcast already carries the resumed weights (rank 0's).
     step.ddp_model = dist.wrap(model, device)
     if dist.is_dist():
@@ -225,5 +242,6 @@ def _resume(step: Step, with_teacher: bool, distilled: bool) -> None:
         raise SdiddError(f"{last}: cannot resume, its optimizer/scheduler/RNG state does not fit this run ({type(e).__name__}: {e})") from None
     step.stats.update({k: float(v) for k, v in state.get("stats", {}).items()})
     log.info(f"resumed {last} at epoch {step.start_epoch}/{step.schedule.epochs}")
-    if step.start_epoch >= step.schedule.epochs and "metrics" in state:
+    # A finished step is not re-evaluated, unless another method trained it (two-models reuses a finetune's training).
+    if step.start_epoch >= step.schedule.epochs and "metrics" in state and state.get("method") == spec.method:
         step.stored_metrics = state["metrics"]

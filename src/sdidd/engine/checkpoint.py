@@ -16,6 +16,7 @@ from ..errors import SdiddError
 
 if TYPE_CHECKING:
     from ..model.detector import GFL
+    from ..model.stack import ModelStack
 
 FORMAT_VERSION = 1
 _TMP_SUFFIX = ".tmp"
@@ -123,6 +124,16 @@ def _check_contents(path: Path, state: dict[str, Any]) -> None:
         raise SdiddError(f"{path}: checkpoint 'detector' does not name a backbone")
     if det.get("num_classes") != len(classes):
         raise SdiddError(f"{path}: checkpoint detector has {det.get('num_classes')} class outputs but lists {len(classes)} classes")
+    kept = state.get("kept_models")
+    if kept is not None:  # a two-models checkpoint: the earlier detectors answer for the first classes
+        ok = isinstance(kept, list) and kept and all(
+            isinstance(k, dict) and isinstance(k.get("model"), dict) and isinstance(k.get("detector"), dict)
+            and isinstance(k.get("answers_to"), int) for k in kept)
+        ends = [k["answers_to"] for k in kept] if ok else []
+        if not ok or ends != sorted(set(ends)) or not 0 < ends[-1] < len(classes) or any(
+                k["detector"].get("num_classes", 0) < k["answers_to"] for k in kept):
+            raise SdiddError(f"{path}: checkpoint 'kept_models' is not a list of detectors answering for the first "
+                             f"classes in order (each with model, detector and answers_to)")
 
 
 def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: list[str], backbone: str,
@@ -217,16 +228,35 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], what:
     model.load_state_dict(weights)
 
 
-def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> "GFL":
-    """Rebuild a detector from a checkpoint's architecture record and weights."""
+def _detector(record: dict[str, Any], weights: dict[str, torch.Tensor]) -> "GFL":
+    """One detector from its architecture record and weights."""
     from ..model.detector import DetectorConfig, build_detector
     try:
-        det = DetectorConfig(**{**state["detector"], "pretrained": False})
+        det = DetectorConfig(**{**record, "pretrained": False})
     except TypeError as e:  # a detector record of another sdidd version (unknown or missing fields)
         raise SdiddError(f"checkpoint detector record does not fit this sdidd ({e})") from None
     model = build_detector(det)
-    load_weights(model, state["model"], f"the {det.backbone} detector it describes ({det.num_classes} classes)")
+    load_weights(model, weights, f"the {det.backbone} detector it describes ({det.num_classes} classes)")
+    return model
+
+
+def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> "GFL | ModelStack":
+    """Rebuild a checkpoint's model: its detector, or with `kept_models` (method two-models) the stack of detectors."""
+    model = _detector(state["detector"], state["model"])
+    if state.get("kept_models"):
+        from ..model.stack import ModelStack
+        kept = [_detector(k["detector"], k["model"]) for k in state["kept_models"]]
+        ends = [int(k["answers_to"]) for k in state["kept_models"]] + [model.num_classes]
+        model = ModelStack(kept + [model], ends, float(state.get("stack_damp", 1.0)))
     return model.to(device)
+
+
+def kept_models_record(kept: "GFL | ModelStack", damp: float) -> dict[str, Any]:
+    """What a two-models checkpoint stores besides its newest detector: the frozen earlier ones and the damping."""
+    from ..model.stack import ModelStack
+    members, ends = (kept.members, kept.ends) if isinstance(kept, ModelStack) else ([kept], [kept.num_classes])
+    return {"kept_models": [{"model": m.state_dict(), "detector": m.cfg.__dict__ | {"num_classes": m.num_classes},
+                             "answers_to": int(e)} for m, e in zip(members, ends)], "stack_damp": float(damp)}
 
 
 def rng_state() -> dict[str, Any]:

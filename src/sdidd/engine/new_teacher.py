@@ -34,7 +34,7 @@ def attach_new_teacher(step: Step, teacher: Optional[GFL], finetune_dir: Path, t
     `train` trains the fine-tune when `distill.new_teacher=finetune` (passed in, so this module needs no trainer).
     """
     spec = step.spec
-    if teacher is None or step.distill is None or spec.method in ("finetune", "joint"):
+    if teacher is None or step.distill is None or spec.method in ("finetune", "joint", "two-models"):
         return
     source = resolved_distill(step.cfg, spec.method).new_teacher
     if source is None:

@@ -9,6 +9,7 @@ from ..config import Config, protocol_groups
 from ..data.formats import FORMATS, described_splits
 from ..errors import SdiddError
 from ..model.detector import GFL
+from ..model.stack import ModelStack
 from .build import StepSpec
 from .checkpoint import check_fits, load_checkpoint, model_from_checkpoint
 from .run_data import RunData, load_run_data
@@ -73,7 +74,7 @@ def step_specs(groups: list[list[str]], method: str, old_labels: bool = False) -
 
 
 def run_steps(cfg: Config, data: RunData, specs: list[StepSpec], step_dir: Callable[[StepSpec], Path],
-              teacher: Optional[GFL] = None, new_teacher_dir: Optional[Callable[[StepSpec], Optional[Path]]] = None) -> list[StepResult]:
+              teacher: Optional[GFL | ModelStack] = None, new_teacher_dir: Optional[Callable[[StepSpec], Optional[Path]]] = None) -> list[StepResult]:
     """Train `specs` in order; each step with old classes learns from the previous step's model (or `teacher`).
 
     `new_teacher_dir` says where a step's fine-tuned new-class teacher lives (`distill.new_teacher=finetune`).

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..config import Config
 from ..errors import SdiddError
 from ..evaluate import EvalResult, format_table, result_to_dict
 from ..model.detector import GFL, DenseOutput
+from ..model.stack import ModelStack
 from ..run_files import FolderLock, append_result_row, claim_folder, write_json
 from . import distributed as dist
 from . import precision
 from .build import Step, StepSpec, build_step
-from .checkpoint import rng_state, save_checkpoint, save_epoch
+from .checkpoint import kept_models_record, rng_state, save_checkpoint, save_epoch
 from .evaluation import evaluate_model
 from .new_teacher import attach_new_teacher
 from .objective import step_loss
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 class StepResult:
     """What a finished step leaves: its model, checkpoint and last-epoch metrics."""
 
-    model: GFL
+    model: nn.Module  # a GFL, or for method two-models the ModelStack of the kept and the new detector
     checkpoint: Path
     metrics: EvalResult
     stats: dict[str, float] = field(default_factory=dict)
@@ -125,7 +127,7 @@ def speed_setup(step: Step) -> None:
         else:
             log.info(f"teacher outputs not cached: {blocker}")
     if step.mode.channels_last:  # in place: the optimizer keeps the same parameters
-        for model in (step.model, step.teacher, step.new_teacher):
+        for model in (step.model, step.teacher, step.new_teacher, step.kept):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     if t.compile:
@@ -152,7 +154,7 @@ def validate(step: Step, epoch: int, result: Optional[EvalResult] = None) -> Eva
     cfg = step.cfg
     target = step.val_set if step.val_set is not None else step.test_set
     if result is None:
-        result = evaluate_model(step.model, target, cfg.data, step.device, workers=cfg.train.workers,
+        result = evaluate_model(step.inference_model(), target, cfg.data, step.device, workers=cfg.train.workers,
                                 postprocess=step.spec.postprocess(cfg.incremental.old_new_nms))
     name = "val split" if step.val_set is not None else "test split (no val split: not for choosing a model)"
     log.info(f"epoch {epoch}: mAP50 {result.map50:.1f} on the {name}")
@@ -171,11 +173,12 @@ def validate(step: Step, epoch: int, result: Optional[EvalResult] = None) -> Eva
 def step_state(step: Step, epoch: int) -> dict:
     """What a checkpoint of the step after `epoch` holds (weights, classes, config, optimiser, RNG, stats)."""
     spec = step.spec
+    kept = kept_models_record(step.kept, step.cfg.incremental.new_score_damp) if step.kept is not None else {}
     return {
         "model": step.model.state_dict(), "detector": step.model.cfg.__dict__ | {"num_classes": len(spec.classes)},
         "classes": list(spec.classes), "new_classes": list(spec.new_classes), "step": spec.step, "method": spec.method,
         "config": step.cfg.to_dict(), "optimizer": step.optimizer.state_dict(), "scheduler": step.scheduler.state_dict(),
-        "epoch": epoch, "iteration": step.iteration, "rng": rng_state(), "stats": dict(step.stats),
+        "epoch": epoch, "iteration": step.iteration, "rng": rng_state(), "stats": dict(step.stats), **kept,
     }
 
 
@@ -197,7 +200,7 @@ def save_step(step: Step, epoch: int, metrics: Optional[dict] = None) -> Path:
 
 
 def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[RunData] = None,
-               teacher: Optional[GFL] = None, new_teacher_dir: Optional[Path] = None) -> StepResult:
+               teacher: Optional[GFL | ModelStack] = None, new_teacher_dir: Optional[Path] = None) -> StepResult:
     """Train one step and evaluate its last epoch on the test split (every class the step knows).
 
     With `distill.new_teacher=finetune` the new-class teacher is fine-tuned first into `new_teacher_dir`
@@ -214,13 +217,13 @@ def train_step(cfg: Config, spec: StepSpec, out_dir: str | Path, data: Optional[
             lock.release()
 
 
-def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunData], teacher: Optional[GFL],
+def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunData], teacher: Optional[GFL | ModelStack],
                 new_teacher_dir: Optional[Path]) -> StepResult:
     data = data or load_run_data(cfg.data)
     cfg = data.sized(cfg)  # the image sizes chosen from the data (when the recipe leaves them unset) go with the step
     step = build_step(cfg, spec, data, Path(out_dir), teacher)
     if step.stored_metrics is not None:  # a finished step is not retrained
-        return StepResult(step.model, step.out_dir / "last.pth", EvalResult(**step.stored_metrics), dict(step.stats))
+        return StepResult(step.inference_model(), step.out_dir / "last.pth", EvalResult(**step.stored_metrics), dict(step.stats))
     attach_new_teacher(step, teacher, Path(new_teacher_dir or Path(out_dir) / "new_teacher"),
                        train=lambda c, s, d: train_step(c, s, d, data, teacher=teacher))
     if dist.is_main():
@@ -249,15 +252,15 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
     stats = step.stats
     stats["images_per_second"] = stats["train_images"] / max(stats["train_seconds"], 1e-9)
     stats["peak_memory_mb"] = (torch.cuda.max_memory_allocated(step.device) / 2**20) if step.device.type == "cuda" else _rss_mb()
-    result = evaluate_model(step.model, step.test_set, cfg.data, step.device, groups=spec.groups, workers=cfg.train.workers,
-                            postprocess=spec.postprocess(cfg.incremental.old_new_nms))
+    result = evaluate_model(step.inference_model(), step.test_set, cfg.data, step.device, groups=spec.groups,
+                            workers=cfg.train.workers, postprocess=spec.postprocess(cfg.incremental.old_new_nms))
     if step.val_set is not None:  # the last epoch competes for best.pth too (on the val split, not the test split)
         validate(step, step.schedule.epochs, result if step.val_set is step.test_set else None)
     last = save_step(step, step.schedule.epochs, result_to_dict(result))
     if dist.is_main():
         write_json(step.out_dir / "metrics.json", result_to_dict(result) | {"stats": stats}, indent=2)
     dist.barrier()
-    return StepResult(step.model, last, result, stats)
+    return StepResult(step.inference_model(), last, result, stats)
 
 
 def _rss_mb() -> float:

@@ -1,0 +1,126 @@
+"""Method two-models: the old model kept for the old classes, a fine-tune for the new ones (model/stack.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from sdidd.errors import SdiddError
+from sdidd.model.stack import ModelStack, stack_scores, stacked
+from test_add_classes import base_model, exported  # noqa: F401 - module fixtures: the tiny defects and a base model
+from test_cli_errors import error_line as one_line
+from test_cli_errors import run_cli as run
+from test_model import tiny_detector
+
+torch.set_num_threads(1)
+KW = dict(score_thr=1e-9, max_per_img=10_000, nms_pre=10_000)  # every box above the joined output's "off" score
+
+
+def test_stack_scores_give_each_member_its_classes_and_damp_later_ones() -> None:
+    p0, p1, p2 = torch.full((1, 2, 2), 0.5), torch.full((1, 2, 4), 0.4), torch.full((1, 2, 5), 0.8)
+    p0[0, 1] = 0.0  # anchor 1: the first member sees nothing there
+    a, b, c = stack_scores([p0, p1, p2], [2, 4, 5], damp=1.0)
+    assert a.shape == b.shape == c.shape == (1, 2, 5)
+    assert torch.equal(a[0, 0], torch.tensor([0.5, 0.5, 0, 0, 0]))
+    assert torch.allclose(b[0, 0], torch.tensor([0, 0, 0.2, 0.2, 0]))  # 0.4 x (1 - 0.5)
+    assert torch.allclose(b[0, 1], torch.tensor([0, 0, 0.4, 0.4, 0]))  # nothing earlier there: undamped
+    assert torch.allclose(c[0, 0, 4], torch.tensor(0.4))  # 0.8 x (1 - max(0.5, 0.2))
+    assert torch.allclose(c[0, 1, 4], torch.tensor(0.48))  # 0.8 x (1 - 0.4)
+    undamped = stack_scores([p0, p1, p2], [2, 4, 5], damp=0.0)
+    assert torch.allclose(undamped[2][0, :, 4], torch.tensor([0.8, 0.8]))
+
+
+def test_a_stack_takes_the_old_classes_from_the_old_model_and_the_new_ones_from_the_new() -> None:
+    torch.manual_seed(2)
+    teacher, model = tiny_detector(num_classes=3).eval(), tiny_detector(num_classes=5).eval()
+    images, sizes = torch.rand(1, 3, 64, 64), [(64, 64)]
+    both = stacked(teacher, model, 0.0).eval().predict(images, sizes, **KW)[0]
+    t, m = teacher.predict(images, sizes, **KW)[0], model.predict(images, sizes, **KW)[0]
+    for c in range(5):
+        want = t if c < 3 else m
+        got_s, want_s = both["scores"][both["labels"] == c], want["scores"][want["labels"] == c]
+        assert len(got_s) == len(want_s) > 0, c
+        assert torch.allclose(got_s.sort().values, want_s.sort().values, atol=1e-5), c
+    damped = stacked(teacher, model, 1.0).eval().predict(images, sizes, **KW)[0]
+    assert damped["scores"][damped["labels"] >= 3].max() < both["scores"][both["labels"] >= 3].max()
+    assert torch.allclose(damped["scores"][damped["labels"] < 3].sort().values, both["scores"][both["labels"] < 3].sort().values)
+    three = stacked(stacked(teacher, model, 1.0), tiny_detector(num_classes=7).eval(), 1.0)
+    assert three.ends == [3, 5, 7] and len(three.members) == 3 and three(images).cls.shape[1] == 3 * model(images).cls.shape[1]
+    with pytest.raises(ValueError, match="cannot answer"):
+        ModelStack([model, teacher], [5, 7])
+
+
+def test_a_broken_kept_models_record_is_one_line(tmp_path: Path) -> None:
+    model = tiny_detector(num_classes=3)
+    state = {"model": model.state_dict(), "detector": model.cfg.__dict__ | {"num_classes": 3}, "classes": ["a", "b", "c"],
+             "kept_models": [{"model": model.state_dict(), "detector": model.cfg.__dict__ | {"num_classes": 3}, "answers_to": 3}]}
+    save_checkpoint(state, tmp_path / "bad.pth")  # the kept model answers for every class: nothing left for the newest
+    with pytest.raises(SdiddError, match="kept_models"):
+        load_checkpoint(tmp_path / "bad.pth")
+
+
+def _renamed(exported: Path, folder: Path, names: list[str]) -> Path:
+    """The new dataset's images and boxes under other class names: a description of a further step's dataset."""
+    folder.mkdir()
+    for split in ("train", "test"):
+        doc = json.loads((exported / "new" / "annotations" / f"{split}.json").read_text())
+        doc["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+        (folder / f"{split}.json").write_text(json.dumps(doc))
+    (folder / "data.yaml").write_text(yaml.safe_dump({"format": "coco", "path": str(exported / "new"),
+                                                      "train": str(folder / "train.json"), "test": str(folder / "test.json"),
+                                                      "train_images": "images/train", "test_images": "images/test"}))
+    return folder / "data.yaml"
+
+
+def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exported: Path, base_model: Path,  # noqa: F811
+                                                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`add-classes --method two-models`: the checkpoint holds both detectors, the old classes' detections are the base
+    model's own, a next step stacks a third detector, a distillation step on top is refused in one line, and
+    predict and export read the stack."""
+    rc, out, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--method", "two-models",
+                        "--old-test", str(exported / "base" / "data.yaml"), "--out", str(tmp_path / "s1")], capsys)
+    assert rc == 0, err
+    state = load_checkpoint(tmp_path / "s1" / "last.pth")
+    assert state["method"] == "two-models" and [k["answers_to"] for k in state["kept_models"]] == [2]
+    stack, base = model_from_checkpoint(state).eval(), model_from_checkpoint(load_checkpoint(base_model)).eval()
+    assert isinstance(stack, ModelStack) and stack.ends == [2, 4]
+    images = torch.rand(2, 3, 64, 64) * 255
+    got, want = stack.predict(images, [(64, 64)] * 2, **KW), base.predict(images, [(64, 64)] * 2, **KW)
+    for g, w in zip(got, want):  # no forgetting by construction: the old-class detections are the base model's
+        old = g["labels"] < 2
+        assert torch.allclose(g["scores"][old].sort().values, w["scores"].sort().values, atol=1e-5)
+    table = json.loads((tmp_path / "s1" / "add_classes.json").read_text())
+    old_rows = [r for r in table["rows"] if r["group"] == "old"]
+    assert all(abs(r["ap50"] - r["teacher_ap50"]) < 1e-6 for r in old_rows), old_rows
+
+    more = _renamed(exported, tmp_path / "more", ["dent", "stain"])  # the same images under two more class names
+    rc, _, err = run(["add-classes", str(tmp_path / "s1" / "last.pth"), str(more), "--method", "two-models",
+                      "--out", str(tmp_path / "s2")], capsys)
+    assert rc == 0, err
+    three = model_from_checkpoint(load_checkpoint(tmp_path / "s2" / "last.pth"))
+    assert isinstance(three, ModelStack) and three.ends == [2, 4, 6]
+    rc, _, err = run(["add-classes", str(tmp_path / "s1" / "last.pth"), str(more), "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "the teacher is a two-models checkpoint" in one_line(err), err
+
+    rc, _, err = run(["predict", str(tmp_path / "s1" / "last.pth"), str(exported / "new" / "images" / "test"),
+                      "--out", str(tmp_path / "pred")], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["categories"][-1]["name"] == "crack"
+
+    ort = pytest.importorskip("onnxruntime")
+    from sdidd.export import export_onnx, postprocess_onnx_outputs
+    path = export_onnx(tmp_path / "s1" / "last.pth", tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    post = json.loads(sess.get_modelmeta().custom_metadata_map["postprocess"])
+    assert len(post["num_per_level"]) == 10  # two members' five levels
+    boxes, scores = sess.run(["boxes", "scores"], {"images": images.numpy()})
+    onnx_dets = postprocess_onnx_outputs(boxes, scores, [(64, 64)] * 2, **post)  # as the README's snippet
+    torch_dets = stack.predict(images, [(64, 64)] * 2)
+    for o, t in zip(onnx_dets, torch_dets):
+        np.testing.assert_array_equal(o["labels"], t["labels"].numpy())
+        np.testing.assert_allclose(o["scores"], t["scores"].numpy(), atol=1e-4)
