@@ -107,6 +107,9 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     rc, _, err = run(["add-classes", str(tmp_path / "s1" / "last.pth"), str(more), "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "the teacher is a two-models checkpoint" in one_line(err), err
 
+    rc, out, err = run(["eval", str(tmp_path / "s1" / "last.pth"), f"data={exported / 'all_test' / 'data.yaml'}",
+                        "--out", str(tmp_path / "eval.json")], capsys)
+    assert rc == 0 and "crack" in out and (tmp_path / "eval.json").is_file(), err
     rc, _, err = run(["predict", str(tmp_path / "s1" / "last.pth"), str(exported / "new" / "images" / "test"),
                       "--out", str(tmp_path / "pred")], capsys)
     assert rc == 0, err
