@@ -2,7 +2,8 @@
 
 Two stages, each a set of jobs run as separate processes on the one device (`--parallel` at a time):
 the teacher and joint start together (joint needs no teacher), and fine-tune / ERD / SD-IDD start as soon
-as the teacher's checkpoint is written. The **smoke** stage runs every job on a strided subset for one
+as the teacher's checkpoint is written (`two-models` as soon as the fine-tune's: it evaluates that detector
+beside the teacher and trains nothing). The **smoke** stage runs every job on a strided subset for one
 epoch (bf16, evaluation included, same sizes and switches as the full stage); if any job fails, the run
 stops there with the job's error and log tail (exit 2), leaving time to fix and rerun. The **full** stage
 follows only when the smoke passed and writes, under `--out`: `<tag>.md`, `<tag>.json`, `<tag>_per_class.png`,
@@ -33,8 +34,9 @@ from typing import Any, Optional
 import torch
 
 from sdidd.benchmark import (METHOD_ORDER, format_report_table, machine_description, markdown_report, method_config, method_entry,
-                             parse_methods, report_header)
-from sdidd.config import Config, TrainConfig, config_from_dict, load_config, parse_overrides, merge_dicts, protocol_groups
+                             parse_methods, report_header, reuse_finetune)
+from sdidd.config import (Config, TrainConfig, config_from_dict, load_config, parse_overrides, merge_dicts, protocol_groups,
+                          replaced)
 from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.protocol import run_steps, step_specs
@@ -48,7 +50,9 @@ PAPER = {"teacher_old": 71.1, "sdidd": {"map50_old": 58.2, "map50_new": 69.0, "m
 TARGETS = "joint mAP50 >= 75; teacher old >= 71; SD-IDD >= the paper on old, new and all; strongest all >= 0.95 x joint; wall <= 540 s"
 # The project's strongest method: sdidd+ (old-class pseudo-labels on top of SD-IDD) where this sdidd has it, else sdidd.
 STRONGEST = "sdidd+" if "sdidd+" in METHOD_ORDER else "sdidd"
-DEFAULT_METHODS = ",".join(["joint", "finetune", "erd", "sdidd"] + ([STRONGEST] if STRONGEST != "sdidd" else []))
+# two-models reuses the finetune job's detector: it adds an evaluation, not a training job.
+DEFAULT_METHODS = ",".join(["joint", "finetune", "erd", "sdidd"] + ([STRONGEST] if STRONGEST != "sdidd" else [])
+                           + (["two-models"] if "two-models" in METHOD_ORDER else []))
 # Tiny CPU settings of --dry-run: synthetic data (4 classes, 2+2), a small untrained model, one epoch.
 DRY_RUN = {
     "data": {"dataset": "synthetic", "num_train_images": 16, "num_test_images": 8, "train_sizes": [64, 96],
@@ -129,6 +133,10 @@ def run_job(plan: dict[str, Any], name: str) -> dict[str, Any]:
         return {"map50_old": row["map50_all"], "ap50_per_class": row["ap50_per_class"]} | {
             k: v for k, v in row.items() if k in ("train_seconds", "images_per_second", "peak_memory_mb", "images", "epochs", "iterations")}
     mcfg, base = method_config(cfg, name)
+    if base == "two-models" and (work / "finetune").is_dir():
+        # Its detector is the finetune job's step (same teacher, data, seed, schedule): evaluate the joined model only.
+        reuse_finetune(work / "finetune", work / name, len(groups) - 1)
+        mcfg = replaced(mcfg, {"train.resume": True})
     teacher = None if base == "joint" else model_from_checkpoint(load_checkpoint(work / "teacher" / "last.pth"))
     results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s: work / name / f"step{s.step}", teacher=teacher)
     return method_entry(results[-1], num_old, classes)
@@ -157,7 +165,7 @@ def run_stage(stage: str, cfg: Config, methods: list[str], work: Path, parallel:
     plan = {"config": cfg.to_dict(), "work": str(work.resolve()), "subset": subset}
     plan_path = (work / "plan.json").resolve()
     plan_path.write_text(json.dumps(plan, indent=2))
-    jobs = [Job("teacher")] + [Job(m, needs=[] if m == "joint" else ["teacher"]) for m in methods]
+    jobs = [Job("teacher")] + [Job(m, needs=_needs(m, methods)) for m in methods]
     jobs.sort(key=lambda j: 0 if j.name in ("teacher", "joint") else 1)  # the two without a teacher start first
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(parallel, 1))))
@@ -205,6 +213,13 @@ def run_stage(stage: str, cfg: Config, methods: list[str], work: Path, parallel:
                 except subprocess.TimeoutExpired:
                     j.proc.kill()
     return {"results": results, "timeline": _timeline(jobs), "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _needs(method: str, methods: list[str]) -> list[str]:
+    """Jobs a method waits for: none for joint, the teacher for the rest, and two-models also the fine-tune it reuses."""
+    if method == "joint":
+        return []
+    return ["teacher", "finetune"] if method == "two-models" and "finetune" in methods else ["teacher"]
 
 
 def _timeline(jobs: list[Job]) -> dict[str, list[Optional[float]]]:

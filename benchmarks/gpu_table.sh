@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NEU-DET 3+3 on one H100/H200: teacher, joint, fine-tune, ERD, SD-IDD and the strongest method (sdidd+ where present) in
+# NEU-DET 3+3 on one H100/H200: teacher, joint, fine-tune, ERD, SD-IDD, the strongest single model (sdidd+) and two-models in
 # <= 9 minutes, after a ~60 s CUDA smoke stage that stops the run with the error if any job fails.
 #
 # First, on a machine with the data (NEU-DET in $SDIDD_DATA or ../shared/data) and internet for one wheel:

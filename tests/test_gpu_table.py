@@ -180,3 +180,24 @@ def test_a_failing_smoke_stage_stops_the_run_with_the_error(tmp_path):
     assert r.returncode == 2
     assert "smoke stage: job" in r.stdout and "NEU-DET not found" in r.stdout
     assert not (tmp_path / "work" / "full").exists()
+
+
+def test_two_models_waits_for_the_finetune_job_it_reuses():
+    gt = _script("gpu_table")
+    assert gt._needs("two-models", ["finetune", "two-models"]) == ["teacher", "finetune"]
+    assert gt._needs("two-models", ["two-models"]) == ["teacher"]  # no finetune job: it trains its own
+    assert gt._needs("joint", ["joint"]) == [] and gt._needs("sdidd", ["sdidd"]) == ["teacher"]
+    assert "two-models" in gt.parse_methods(gt.DEFAULT_METHODS)
+
+
+@pytest.mark.slow
+def test_dry_run_two_models_evaluates_the_finetune_jobs_detector(tmp_path):
+    r = _dry_run(tmp_path, "--methods", "finetune,two-models", "--no-smoke")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "synthetic_2+2_dry-run.json").read_text())
+    timeline = report["gpu_run"]["timeline"]
+    assert timeline["two-models"][0] >= timeline["finetune"][1]
+    ft, tm = (torch.load(tmp_path / "work" / "full" / m / "step1" / "last.pth", map_location="cpu", weights_only=False)
+              for m in ("finetune", "two-models"))
+    assert all(torch.equal(ft["model"][n], tm["model"][n]) for n in ft["model"])  # no second fine-tune was trained
+    assert len(tm["kept_models"]) == 1 and "two-models" in report["methods"]  # the teacher kept beside it, evaluated
