@@ -110,6 +110,9 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     rc, out, err = run(["eval", str(tmp_path / "s1" / "last.pth"), f"data={exported / 'all_test' / 'data.yaml'}",
                         "--out", str(tmp_path / "eval.json")], capsys)
     assert rc == 0 and "crack" in out and (tmp_path / "eval.json").is_file(), err
+    rc, out, err = run(["eval", str(tmp_path / "s1" / "last.pth"), f"data={exported / 'all_test' / 'data.yaml'}",
+                        "--new-score-damp", "0", "--out", str(tmp_path / "eval0.json")], capsys)
+    assert rc == 0 and (tmp_path / "eval0.json").is_file(), err  # the damping chosen at evaluation, no training
     rc, _, err = run(["predict", str(tmp_path / "s1" / "last.pth"), str(exported / "new" / "images" / "test"),
                       "--out", str(tmp_path / "pred")], capsys)
     assert rc == 0, err
@@ -127,3 +130,30 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     for o, t in zip(onnx_dets, torch_dets):
         np.testing.assert_array_equal(o["labels"], t["labels"].numpy())
         np.testing.assert_allclose(o["scores"], t["scores"].numpy(), atol=1e-4)
+
+
+def test_a_two_models_checkpoint_can_be_read_with_another_damping(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """eval / predict / export --new-score-damp G: the new-class scores follow G, the old ones stay; one detector: one line."""
+    torch.manual_seed(3)
+    teacher, model = tiny_detector(num_classes=2).eval(), tiny_detector(num_classes=3).eval()
+    rec = lambda m: m.cfg.__dict__ | {"num_classes": m.num_classes}  # noqa: E731
+    state = {"model": model.state_dict(), "detector": rec(model), "classes": ["a", "b", "c"], "stack_damp": 1.0,
+             "kept_models": [{"model": teacher.state_dict(), "detector": rec(teacher), "answers_to": 2}]}
+    images, sizes = torch.rand(1, 3, 64, 64) * 255, [(64, 64)]
+    own, off = (model_from_checkpoint(state, damp=g).eval() for g in (None, 0.0))
+    assert own.damp == 1.0 and off.damp == 0.0
+    a, b = own.predict(images, sizes, **KW)[0], off.predict(images, sizes, **KW)[0]
+    assert torch.allclose(a["scores"][a["labels"] < 2].sort().values, b["scores"][b["labels"] < 2].sort().values)
+    assert b["scores"][b["labels"] == 2].max() > a["scores"][a["labels"] == 2].max()  # undamped new class scores higher
+    with pytest.raises(SdiddError, match="must be >= 0"):
+        model_from_checkpoint(state, damp=-1.0)
+    single = {k: v for k, v in state.items() if k not in ("kept_models", "stack_damp")}
+    with pytest.raises(SdiddError, match="two-models checkpoint only"):
+        model_from_checkpoint(single, damp=0.0)
+    save_checkpoint(single, tmp_path / "one.pth")
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(tmp_path / "img" / "x.png")
+    rc, _, err = run(["predict", str(tmp_path / "one.pth"), str(tmp_path / "img"), "--new-score-damp", "0",
+                      "--out", str(tmp_path / "pred")], capsys)
+    assert rc == 2 and "two-models checkpoint only" in one_line(err), err

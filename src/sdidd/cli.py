@@ -85,7 +85,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         cfg = replaced(cfg, {**({"data.dataset": a.data} if a.data else {}), **({"data.root": a.root} if a.root else {})})
     split_name = a.split or _default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
-    model = for_inference(model_from_checkpoint(state, device), device)
+    model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp), device)
     classes = list(state["classes"])
     split = decode_once(load_split(cfg.data, split_name), cfg.data)
     test = channel_view(split, classes, keep_empty=True)
@@ -254,7 +254,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     skipped: list[dict[str, str]] = []
     run_predict(a.checkpoint, inputs, a.out, score_thr=a.score, batch_size=int(train.get("batch_size", a.batch_size)),
                 device=str(train.get("device", a.device)), size=data.get("test_size", a.size), skipped=skipped,
-                max_size_arg=data.get("max_size"), agnostic=a.agnostic, old_new=a.old_new, **kw)
+                max_size_arg=data.get("max_size"), agnostic=a.agnostic, old_new=a.old_new,
+                new_score_damp=a.new_score_damp, **kw)
     return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
 
 
@@ -282,7 +283,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
     if a.format != "onnx":
         raise SdiddError(f"export format {shown(a.format)} is not supported (onnx)")
-    out = export_onnx(a.checkpoint, a.out, size=a.size)
+    out = export_onnx(a.checkpoint, a.out, size=a.size, damp=a.new_score_damp)
     print(f"wrote {out}")
     return 0
 
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="COCO results JSON of the detections (default: <out>_detections.json)")
     s.add_argument("--old-new", action=argparse.BooleanOptionalAction, default=None,
                    help="NMS across old and added classes on or off (default: as the checkpoint's step was evaluated)")
+    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
+                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
+                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
     s.add_argument("overrides", nargs="*", help="data=FILE (a dataset description) and data.* / train.* key=value, as for train")
     s.set_defaults(fn=_cmd_eval)
 
@@ -385,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(incremental.old_new_nms)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
+    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
+                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
+                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=_cmd_predict, overrides=[])
 
@@ -392,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--format", default="onnx")
     s.add_argument("--out", default=None)
+    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
+                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
+                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
     s.add_argument("--size", type=int, default=None, help="input side (square, default: the checkpoint's test size rounded to 32)")
     s.set_defaults(fn=_cmd_export)
     return p

@@ -217,8 +217,10 @@ def _export_module(model: Any, size: int) -> Any:
 
 
 def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: Optional[int] = None,
-                opset: int = 17, verify: bool = True) -> Path:
-    """Export a checkpoint to ONNX (decoded boxes + sigmoid scores, NMS outside); `verify` compares onnxruntime to PyTorch."""
+                opset: int = 17, verify: bool = True, damp: Optional[float] = None) -> Path:
+    """Export a checkpoint to ONNX (decoded boxes + sigmoid scores, NMS outside); `verify` compares onnxruntime to PyTorch.
+
+    `damp`: a two-models checkpoint's new-class damping exponent instead of its own (it is part of the graph)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -240,7 +242,7 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
         size = math.ceil(size / 32) * 32
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model_from_checkpoint(state, "cpu").eval()
+    model = model_from_checkpoint(state, "cpu", damp=damp).eval()
     module = _export_module(model, size)
     dummy = torch.rand(2, 3, size, size) * 255
     # torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript; the TorchScript exporter does not.

@@ -7,7 +7,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -240,14 +240,22 @@ def _detector(record: dict[str, Any], weights: dict[str, torch.Tensor]) -> "GFL"
     return model
 
 
-def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu") -> "GFL | ModelStack":
-    """Rebuild a checkpoint's model: its detector, or with `kept_models` (method two-models) the stack of detectors."""
+def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu",
+                          damp: Optional[float] = None) -> "GFL | ModelStack":
+    """Rebuild a checkpoint's model: its detector, or with `kept_models` (method two-models) the stack of detectors.
+
+    `damp` replaces a two-models checkpoint's new-class damping exponent (`incremental.new_score_damp`), e.g. to
+    choose it on a validation split without training again; for any other checkpoint it is an error.
+    """
     model = _detector(state["detector"], state["model"])
+    if damp is not None and (not state.get("kept_models") or damp < 0):
+        raise SdiddError(f"new-class damping {damp:g}: " + ("must be >= 0" if state.get("kept_models") else
+                         "applies to a two-models checkpoint only (this one holds one detector)"))
     if state.get("kept_models"):
         from ..model.stack import ModelStack
         kept = [_detector(k["detector"], k["model"]) for k in state["kept_models"]]
         ends = [int(k["answers_to"]) for k in state["kept_models"]] + [model.num_classes]
-        model = ModelStack(kept + [model], ends, float(state.get("stack_damp", 1.0)))
+        model = ModelStack(kept + [model], ends, float(state.get("stack_damp", 1.0) if damp is None else damp))
     return model.to(device)
 
 
