@@ -55,7 +55,9 @@ def test_with_a_new_teacher_the_old_teacher_no_longer_distils_the_boxes_of_new_p
     s, t, boxes, labels, sizes = _step_inputs(seed=2)
     nt_cls = s.cls.detach().clone()
     nt_cls[:, :6, 4] = 5.0
-    nt = type(s)(nt_cls, s.reg.detach() + 0.5, s.feats, s.grid)
+    nt_reg = s.reg.detach().clone()
+    nt_reg[..., 0] += 2.0  # another distribution (a constant added to every bin would be the same softmax: KL exactly 0)
+    nt = type(s)(nt_cls, nt_reg, s.feats, s.grid)
     channels = torch.tensor([3, 4, 5])
     cfg = DistillConfig(**{**ALL_TERMS, "erd_box": False, "kd_mismatch": False})
     _, plain = step_loss(s, t, boxes, labels, sizes, TRAINED, LossConfig(), 2.0, cfg)

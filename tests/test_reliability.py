@@ -148,8 +148,12 @@ def test_killed_run_resumes_to_the_same_weights_metrics_and_log(tmp_path: Path) 
 @pytest.mark.slow
 def test_interrupted_incremental_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture) -> None:
-    """Ctrl-C mid-epoch in step 1 of a 2+2 run, then train.resume=true: step 0 is reused, step 1 ends as uninterrupted."""
-    cfg = write_cfg(tmp_path / "cfg.yaml", data={"num_test_images": 4}, train={"epochs": 2, "deterministic": True},
+    """Ctrl-C mid-epoch in step 1 of a 2+2 run, then train.resume=true: step 0 is reused, step 1 ends as uninterrupted.
+
+    Bit for bit without the teacher cache: a resumed step refills the cache from batches of another make-up, and on
+    some CPUs (AVX2-only) a convolution's last bits depend on the batch, so cached teacher outputs differ slightly.
+    """
+    cfg = write_cfg(tmp_path / "cfg.yaml", data={"num_test_images": 4}, train={"epochs": 2, "deterministic": True, "teacher_cache_gb": 0},
                     incremental={"protocol": "2+2", "method": "sdidd"})
     ref, run = tmp_path / "ref", tmp_path / "run"
     try:
