@@ -297,6 +297,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _add_damp_flag(s: argparse.ArgumentParser) -> None:
+    """--new-score-damp of eval, predict and export: read a two-models checkpoint with another damping."""
+    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
+                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
+                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `sdidd` command."""
     p = _Parser(prog="sdidd", description="Class-incremental defect detection (SD-IDD, ERD) on GFLv1.")
@@ -323,9 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", help="COCO results JSON of the detections (default: <out>_detections.json)")
     s.add_argument("--old-new", action=argparse.BooleanOptionalAction, default=None,
                    help="NMS across old and added classes on or off (default: as the checkpoint's step was evaluated)")
-    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
-                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
-                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
+    _add_damp_flag(s)
     s.add_argument("overrides", nargs="*", help="data=FILE (a dataset description) and data.* / train.* key=value, as for train")
     s.set_defaults(fn=_cmd_eval)
 
@@ -389,9 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(incremental.old_new_nms)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None, help="short side (default: the checkpoint's test size)")
-    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
-                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
-                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
+    _add_damp_flag(s)
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=_cmd_predict, overrides=[])
 
@@ -399,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--format", default="onnx")
     s.add_argument("--out", default=None)
-    s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
-                   help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
-                        "checkpoint's G (incremental.new_score_damp; 0: no damping)")
+    _add_damp_flag(s)
     s.add_argument("--size", type=int, default=None, help="input side (square, default: the checkpoint's test size rounded to 32)")
     s.set_defaults(fn=_cmd_export)
     return p

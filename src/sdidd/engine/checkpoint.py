@@ -247,10 +247,10 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "c
     `damp` replaces a two-models checkpoint's new-class damping exponent (`incremental.new_score_damp`), e.g. to
     choose it on a validation split without training again; for any other checkpoint it is an error.
     """
-    model = _detector(state["detector"], state["model"])
-    if damp is not None and (not state.get("kept_models") or damp < 0):
-        raise SdiddError(f"new-class damping {damp:g}: " + ("must be >= 0" if state.get("kept_models") else
+    if damp is not None and (not state.get("kept_models") or not 0 <= damp < float("inf")):
+        raise SdiddError(f"new-class damping {damp:g}: " + ("must be >= 0 and finite" if state.get("kept_models") else
                          "applies to a two-models checkpoint only (this one holds one detector)"))
+    model = _detector(state["detector"], state["model"])
     if state.get("kept_models"):
         from ..model.stack import ModelStack
         kept = [_detector(k["detector"], k["model"]) for k in state["kept_models"]]
