@@ -124,9 +124,9 @@ def test_report_compares_each_method_with_sdidd_and_joint_seed_by_seed():
         r["methods"]["joint"] = {**r["methods"]["sdidd"], "map50_all": joint}
         reports.append(r)
     md = markdown_report(aggregate_seeds(reports))
-    # plus − sdidd per seed: +3, +1, +5 -> +3.0 ± 2.0; plus / joint: 53/70, 57/70, 58/75 -> 0.782 ± 0.029
-    assert "| plus | +3.0 ± 2.0 | 0.782 ± 0.029 |" in md, md
-    assert "| sdidd | – | 0.740 ± 0.052 |" in md  # 50/70, 56/70, 53/75
+    # plus − sdidd per seed: +3, +1, +5 -> +3.0 ± 2.0; plus / joint: 53/70, 57/70, 58/75 -> 0.782 ± 0.029; each seed after
+    assert "| plus | +3.0 ± 2.0 (+3.0, +1.0, +5.0) | 0.782 ± 0.029 (0.757, 0.814, 0.773) |" in md, md
+    assert "| sdidd | – | 0.740 ± 0.052 (0.714, 0.800, 0.707) |" in md
     single = markdown_report(reports[0])
     assert "| plus | +3.0 | 0.757 |" in single
 

@@ -298,14 +298,14 @@ def _paired_comparison(report: dict[str, Any]) -> list[str]:
     """Markdown rows: each method's all-class mAP50 minus SD-IDD's, and over joint's, taken per seed (same teacher).
 
     Seeds share a teacher between methods, so the per-seed difference is the fairer test of "beats SD-IDD" than
-    two means with their separate spreads; both are shown.
+    two means with their separate spreads; both are shown, and each seed's value after them.
     """
     runs = list(report["per_seed"].values()) if "per_seed" in report else [report["methods"]]
     refs = [r for r in ("sdidd", "joint") if all(r in m for m in runs)]
     if not refs:
         return []
     head = ["method"] + [f"all − {r}'s all" if r == "sdidd" else "all / joint's all" for r in refs]
-    out = ["", "## Against SD-IDD and joint training" + (" (per seed, then mean ± std)" if "per_seed" in report else ""), "",
+    out = ["", "## Against SD-IDD and joint training" + (" (taken per seed: mean ± std, then each seed in brackets)" if "per_seed" in report else ""), "",
            "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in report["methods"]:
         if name in ("teacher", "joint") or not all(name in m for m in runs):
@@ -319,7 +319,10 @@ def _paired_comparison(report: dict[str, Any]) -> list[str]:
                     for m in runs]
             digits = 1 if r == "sdidd" else 3
             cell = format(statistics.fmean(vals), f"+.{digits}f" if r == "sdidd" else f".{digits}f")
-            cells.append(cell + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""))
+            if len(vals) > 1:  # each seed's own value too: one collapsed seed of a reference shows as an outlier, not a mean
+                per_seed = ", ".join(format(v, f"+.{digits}f" if r == "sdidd" else f".{digits}f") for v in vals)
+                cell += f" ± {statistics.stdev(vals):.{digits}f} ({per_seed})"
+            cells.append(cell)
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
