@@ -318,10 +318,10 @@ def _paired_comparison(report: dict[str, Any]) -> list[str]:
             vals = [m[name]["map50_all"] - m[r]["map50_all"] if r == "sdidd" else m[name]["map50_all"] / m[r]["map50_all"]
                     for m in runs]
             digits = 1 if r == "sdidd" else 3
-            cell = format(statistics.fmean(vals), f"+.{digits}f" if r == "sdidd" else f".{digits}f")
+            spec = f"+.{digits}f" if r == "sdidd" else f".{digits}f"
+            cell = format(statistics.fmean(vals), spec)
             if len(vals) > 1:  # each seed's own value too: one collapsed seed of a reference shows as an outlier, not a mean
-                per_seed = ", ".join(format(v, f"+.{digits}f" if r == "sdidd" else f".{digits}f") for v in vals)
-                cell += f" ± {statistics.stdev(vals):.{digits}f} ({per_seed})"
+                cell += f" ± {statistics.stdev(vals):.{digits}f} ({', '.join(format(v, spec) for v in vals)})"
             cells.append(cell)
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
