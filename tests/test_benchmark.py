@@ -179,3 +179,52 @@ def test_two_models_rows_reuse_the_finetune_training_and_stack_over_three_steps(
     stack = model_from_checkpoint(tm)
     assert stack.ends == [2, 3, 4] and len(stack.members) == 3
     assert 0.0 <= report["methods"]["two-models"]["map50_all"] <= 100.0
+
+
+def _write_report(path, report) -> str:
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_merge_joins_seeds_run_apart_and_keeps_each_seeds_rows(tmp_path):
+    from sdidd.cli import main
+    r2 = _seed_report(2, 58.0, 52.0, 65.0)
+    r2["methods"]["extra"] = dict(r2["methods"]["sdidd"])  # run for seed 2 only: kept in per_seed, not in the table
+    one = _write_report(tmp_path / "s2.json", r2)
+    two = _write_report(tmp_path / "s01.json", aggregate_seeds([_seed_report(0, 60.0, 50.0, 70.0), _seed_report(1, 62.0, 54.0, 60.0)]))
+    assert main(["benchmark", "--merge", one, two, "--tag", "m", "--results-dir", str(tmp_path / "res")]) == 0
+    report = json.loads((tmp_path / "res" / "m.json").read_text())
+    assert report["seeds"] == [0, 1, 2] and set(report["methods"]) == {"teacher", "sdidd"}
+    v = report["methods"]["sdidd"]
+    assert v["map50_old"] == 52.0 and v["std"]["map50_old"] == 2.0 and v["forgetting"] == 8.0  # as one 3-seed run
+    assert "extra" in report["per_seed"]["2"] and report["per_seed"]["0"]["sdidd"]["map50_old"] == 50.0
+    assert [s["seeds"] for s in report["merged_from"]] == [[2], [0, 1]]
+    md = (tmp_path / "res" / "m.md").read_text()
+    assert "| sdidd | 52.0 ± 2.0 | 65.0 ± 5.0 |" in md and "Merged: `s01.json` (seeds 0, 1;" in md
+    assert (tmp_path / "res" / "m_per_class.png").is_file()
+
+
+def test_merge_refuses_mixed_recipes_a_seed_twice_and_overwriting(tmp_path, capsys):
+    from sdidd.cli import main
+    a = _write_report(tmp_path / "a.json", _seed_report(0, 60.0, 50.0, 70.0))
+    other = _seed_report(1, 60.0, 50.0, 70.0)
+    other["settings"]["epochs"] = 32
+    b = _write_report(tmp_path / "b.json", other)
+    same_seed = _write_report(tmp_path / "c.json", _seed_report(0, 61.0, 51.0, 71.0))
+    res = str(tmp_path / "res")
+    cases = [([a, b], "settings differ from"), ([a, same_seed], "seed 0 is also in"), ([a, str(tmp_path / "no.json")], "no such file"),
+             ([a], "at least two seeds"), ([a, str(tmp_path)], "no such file")]
+    (tmp_path / "bad.json").write_text("{not json")
+    cases.append(([a, str(tmp_path / "bad.json")], "not a JSON file"))
+    for files, message in cases:
+        assert main(["benchmark", "--merge", *files, "--tag", "m", "--results-dir", res]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "res" / "m.json").exists()
+    ok = _write_report(tmp_path / "d.json", _seed_report(1, 61.0, 51.0, 71.0))
+    assert main(["benchmark", "--merge", a, ok, "--tag", "m", "--results-dir", res]) == 0
+    before = (tmp_path / "res" / "m.json").read_text()
+    assert main(["benchmark", "--merge", a, ok, "--tag", "m", "--results-dir", res]) == 2
+    assert "exists; give the merged report another --tag" in capsys.readouterr().err
+    assert (tmp_path / "res" / "m.json").read_text() == before
+    assert main(["benchmark", "--merge", a, ok, "--results-dir", res]) == 2 and "give --tag" in capsys.readouterr().err

@@ -223,6 +223,84 @@ def aggregate_seeds(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+REPORT_KEYS = ("dataset", "protocol", "profile", "classes_old", "classes_new", "settings", "methods")
+
+
+def _seed_reports(path: Path) -> list[dict[str, Any]]:
+    """The single-seed reports in one benchmark JSON (a multi-seed report is split back into its seeds)."""
+    if not path.is_file():
+        raise SdiddError(f"{path}: no such file")
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdiddError(f"{path}: not a JSON file ({e})") from None
+    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise SdiddError(f"{path}: not a benchmark report (no {', '.join(missing)})")
+    if "per_seed" not in report:
+        if not isinstance(report["settings"], dict) or not isinstance(report["settings"].get("seed"), int):
+            raise SdiddError(f"{path}: not a benchmark report (no settings.seed)")
+        return [report]
+    head = {k: v for k, v in report.items() if k not in ("methods", "per_seed", "seeds")}
+    return [{**head, "settings": {**report["settings"], "seed": int(s)}, "methods": m} for s, m in report["per_seed"].items()]
+
+
+def merge_reports(paths: list[str | Path], command: str) -> dict[str, Any]:
+    """One multi-seed report from benchmark JSONs of one protocol and recipe that ran apart (e.g. a seed per machine).
+
+    Every file must hold the same dataset, protocol, profile, classes and settings (the seed aside) and seeds no other
+    file holds; the table keeps the methods every seed ran, and `per_seed` keeps all of each seed's rows.
+    """
+    reports: list[dict[str, Any]] = []
+    origin: dict[int, Path] = {}
+    sources: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        runs = _seed_reports(path)
+        for r in runs:
+            ref = reports[0] if reports else r
+            for key in ("dataset", "protocol", "profile", "classes_old", "classes_new"):
+                if r[key] != ref[key]:
+                    raise SdiddError(f"{path}: {key} {r[key]!r} differs from {origin[ref['settings']['seed']]}'s "
+                                     f"{ref[key]!r}; only reports of one protocol and recipe merge")
+            a, b = ({k: v for k, v in x["settings"].items() if k != "seed"} for x in (r, ref))
+            if a != b:
+                diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+                raise SdiddError(f"{path}: settings differ from {origin[ref['settings']['seed']]}'s in "
+                                 f"{', '.join(diff)}; only reports of one protocol and recipe merge")
+            seed = r["settings"]["seed"]
+            if seed in origin:
+                raise SdiddError(f"{path}: seed {seed} is also in {origin[seed]}; give each seed once")
+            origin[seed] = path
+            reports.append(r)
+        sources.append({"file": path.name, "seeds": [r["settings"]["seed"] for r in runs],
+                        **{k: runs[0].get(k) for k in ("command", "date", "machine")}})
+    if len(reports) < 2:
+        raise SdiddError(f"{paths[0]}: merging needs at least two seeds; these files hold {len(reports)}")
+    reports.sort(key=lambda r: r["settings"]["seed"])
+    common = [m for m in reports[0]["methods"] if all(m in r["methods"] for r in reports)]
+    dropped = sorted({m for r in reports for m in r["methods"]} - set(common))
+    if dropped:
+        log.warning(f"left out of the table (not run for every seed; kept in per_seed): {', '.join(dropped)}")
+    merged = aggregate_seeds([{**r, "methods": {m: r["methods"][m] for m in common}} for r in reports])
+    merged["per_seed"] = {str(r["settings"]["seed"]): r["methods"] for r in reports}
+    machines = sorted({str(r.get("machine")) for r in reports})
+    merged.update(command=command, date=_dt.date.today().isoformat(), merged_from=sources,
+                  machine=machines[0] if len(machines) == 1 else "several (see merged_from): " + "; ".join(machines))
+    return merged
+
+
+def write_merged(paths: list[str | Path], results_dir: str | Path, tag: str, command: str) -> dict[str, Any]:
+    """`merge_reports`, then JSON + Markdown + per-class plot as `<results_dir>/<tag>.*`; refuses to overwrite a report."""
+    results_dir = Path(results_dir)
+    target = results_dir / f"{tag}.json"
+    if target.exists():
+        raise SdiddError(f"{target}: exists; give the merged report another --tag (nothing was written)")
+    report = merge_reports(paths, command)
+    _write(report, results_dir, tag, plots=True)
+    log.info(format_report_table(report))
+    return report
+
+
 def _prediction_grids(models: dict[str, torch.nn.Module], cfg: Config, data: RunData, classes: list[str], out_dir: Path,
                       num_images: int = 8) -> None:
     """`<out_dir>/predictions_<method>.png`: the same test images (with GT dashed) for finetune, erd and sdidd.
@@ -344,6 +422,9 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
     if "seeds" in report:
         out.append(f"- Seeds {', '.join(map(str, report['seeds']))}: every number is the mean ± sample standard deviation over "
                    "the seeds; each seed trains its own teacher; `per_seed` in the JSON holds each seed's numbers.")
+    for src in report.get("merged_from", []):  # a merged report: where each seed ran
+        out.append(f"- Merged: `{src['file']}` (seeds {', '.join(map(str, src['seeds']))}; {src.get('date')}; "
+                   f"{src.get('machine')}): `{src.get('command')}`")
     n_new = report.get("settings", {}).get("new_images")
     if n_new:
         out.append(f"- Small-data protocol: each incremental step (and joint's new classes) trains on {n_new} seeded images "

@@ -169,7 +169,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(a: argparse.Namespace) -> int:
-    from .benchmark import parse_methods, run_benchmark
+    from .benchmark import parse_methods, run_benchmark, write_merged
+    if a.merge:  # one table from reports that ran apart; trains nothing
+        if not a.tag:
+            raise SdiddError("benchmark --merge: give --tag, the merged report's file name")
+        write_merged(a.merge, a.results_dir, a.tag, "sdidd " + " ".join(sys.argv[1:]))
+        return 0
     from .config import load_config
     config = a.config or _profile_config(a.dataset, a.profile)
     overrides = list(a.overrides)
@@ -369,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results-dir", default="docs/results")
     s.add_argument("--seeds", help="run the protocol once per seed (e.g. 0,1,2) and report mean ± std (default: train.seed)")
     s.add_argument("--tag", help="report file name (default: <dataset>_<protocol>_<profile>[_new<N>])")
+    s.add_argument("--merge", nargs="+", metavar="JSON", help="train nothing: merge these benchmark reports of one "
+                   "protocol and recipe, run apart (e.g. a seed per machine), into one mean ± std report named --tag")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=_cmd_benchmark)
 
