@@ -228,3 +228,19 @@ def test_merge_refuses_mixed_recipes_a_seed_twice_and_overwriting(tmp_path, caps
     assert "exists; give the merged report another --tag" in capsys.readouterr().err
     assert (tmp_path / "res" / "m.json").read_text() == before
     assert main(["benchmark", "--merge", a, ok, "--results-dir", res]) == 2 and "give --tag" in capsys.readouterr().err
+
+
+def test_merge_refuses_rows_that_do_not_line_up_and_training_options(tmp_path, capsys):
+    from sdidd.cli import main
+    a = _write_report(tmp_path / "a.json", _seed_report(0, 60.0, 50.0, 70.0))
+    older = _seed_report(1, 60.0, 50.0, 70.0)
+    del older["methods"]["sdidd"]["map_all"]  # a row written without a field the other seed has
+    b = _write_report(tmp_path / "b.json", older)
+    res = str(tmp_path / "res")
+    assert main(["benchmark", "--merge", a, b, "--tag", "m", "--results-dir", res]) == 2
+    err = capsys.readouterr().err
+    assert "rows do not line up" in err and "map_all" in err and err.count("\n") == 1, err
+    ok = _write_report(tmp_path / "c.json", _seed_report(1, 61.0, 51.0, 71.0))
+    assert main(["benchmark", "--merge", a, ok, "--tag", "m", "--results-dir", res, "--seeds", "0,1"]) == 2
+    assert "trains nothing" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()

@@ -241,8 +241,11 @@ def _seed_reports(path: Path) -> list[dict[str, Any]]:
         if not isinstance(report["settings"], dict) or not isinstance(report["settings"].get("seed"), int):
             raise SdiddError(f"{path}: not a benchmark report (no settings.seed)")
         return [report]
+    per_seed = report["per_seed"]
+    if not isinstance(per_seed, dict) or not all(str(s).isdigit() and isinstance(m, dict) for s, m in per_seed.items()):
+        raise SdiddError(f"{path}: per_seed is not a table of seed -> rows")
     head = {k: v for k, v in report.items() if k not in ("methods", "per_seed", "seeds")}
-    return [{**head, "settings": {**report["settings"], "seed": int(s)}, "methods": m} for s, m in report["per_seed"].items()]
+    return [{**head, "settings": {**report["settings"], "seed": int(s)}, "methods": m} for s, m in per_seed.items()]
 
 
 def merge_reports(paths: list[str | Path], command: str) -> dict[str, Any]:
@@ -257,16 +260,17 @@ def merge_reports(paths: list[str | Path], command: str) -> dict[str, Any]:
     for path in map(Path, paths):
         runs = _seed_reports(path)
         for r in runs:
-            ref = reports[0] if reports else r
+            ref = reports[0] if reports else r  # every seed is checked against the first one read
+            ref_file = origin.get(ref["settings"]["seed"], path)
             for key in ("dataset", "protocol", "profile", "classes_old", "classes_new"):
                 if r[key] != ref[key]:
-                    raise SdiddError(f"{path}: {key} {r[key]!r} differs from {origin[ref['settings']['seed']]}'s "
-                                     f"{ref[key]!r}; only reports of one protocol and recipe merge")
+                    raise SdiddError(f"{path}: {key} {r[key]!r} differs from {ref_file}'s {ref[key]!r}; "
+                                     "only reports of one protocol and recipe merge")
             a, b = ({k: v for k, v in x["settings"].items() if k != "seed"} for x in (r, ref))
             if a != b:
                 diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-                raise SdiddError(f"{path}: settings differ from {origin[ref['settings']['seed']]}'s in "
-                                 f"{', '.join(diff)}; only reports of one protocol and recipe merge")
+                raise SdiddError(f"{path}: settings differ from {ref_file}'s in {', '.join(diff)}; "
+                                 "only reports of one protocol and recipe merge")
             seed = r["settings"]["seed"]
             if seed in origin:
                 raise SdiddError(f"{path}: seed {seed} is also in {origin[seed]}; give each seed once")
@@ -281,8 +285,12 @@ def merge_reports(paths: list[str | Path], command: str) -> dict[str, Any]:
     dropped = sorted({m for r in reports for m in r["methods"]} - set(common))
     if dropped:
         log.warning(f"left out of the table (not run for every seed; kept in per_seed): {', '.join(dropped)}")
-    merged = aggregate_seeds([{**r, "methods": {m: r["methods"][m] for m in common}} for r in reports])
-    merged["per_seed"] = {str(r["settings"]["seed"]): r["methods"] for r in reports}
+    try:
+        merged = aggregate_seeds([{**r, "methods": {m: r["methods"][m] for m in common}} for r in reports])
+    except (KeyError, TypeError) as e:  # rows written by different versions, or edited by hand
+        raise SdiddError(f"{', '.join(map(str, paths))}: the reports' rows do not line up (one lacks or mistypes {e}); "
+                         "merge reports written by one sdidd version") from None
+    merged["per_seed"] = {str(r["settings"]["seed"]): r["methods"] for r in reports}  # every row, dropped ones too
     machines = sorted({str(r.get("machine")) for r in reports})
     merged.update(command=command, date=_dt.date.today().isoformat(), merged_from=sources,
                   machine=machines[0] if len(machines) == 1 else "several (see merged_from): " + "; ".join(machines))

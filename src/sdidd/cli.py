@@ -173,6 +173,8 @@ def _cmd_benchmark(a: argparse.Namespace) -> int:
     if a.merge:  # one table from reports that ran apart; trains nothing
         if not a.tag:
             raise SdiddError("benchmark --merge: give --tag, the merged report's file name")
+        if a.overrides or a.seeds or a.out or a.config:
+            raise SdiddError("benchmark --merge trains nothing: drop --seeds, --out, --config and overrides")
         write_merged(a.merge, a.results_dir, a.tag, "sdidd " + " ".join(sys.argv[1:]))
         return 0
     from .config import load_config
