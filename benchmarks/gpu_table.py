@@ -41,6 +41,7 @@ from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.protocol import run_steps, step_specs
 from sdidd.engine.run_data import RunData, decode_once, load_split
+from sdidd.engine.schedule import step_schedule
 from sdidd.engine.trainer import train_step
 from sdidd.errors import SdiddError
 
@@ -134,9 +135,11 @@ def run_job(plan: dict[str, Any], name: str) -> dict[str, Any]:
             k: v for k, v in row.items() if k in ("train_seconds", "images_per_second", "peak_memory_mb", "images", "epochs", "iterations")}
     mcfg, base = method_config(cfg, name)
     if base == "two-models" and (work / "finetune").is_dir():
-        # Its detector is the finetune job's step (same teacher, data, seed, schedule): evaluate the joined model only.
+        # Its detector is the finetune job's step (same teacher, data, seed, schedule, the fine-tune's lr rather than
+        # the base lr a two-models step trains at by default): evaluate the joined model only, no second training job.
         reuse_finetune(work / "finetune", work / name, len(groups) - 1)
-        mcfg = replaced(mcfg, {"train.resume": True})
+        mcfg = replaced(mcfg, {"train.resume": True,
+                               "incremental.two_models_lr": step_schedule(method_config(cfg, "finetune")[0], True).lr})
     teacher = None if base == "joint" else model_from_checkpoint(load_checkpoint(work / "teacher" / "last.pth"))
     results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s: work / name / f"step{s.step}", teacher=teacher)
     return method_entry(results[-1], num_old, classes)

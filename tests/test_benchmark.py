@@ -168,8 +168,8 @@ def test_a_report_of_a_validation_run_says_it_was_not_measured_on_the_test_split
 
 @pytest.mark.slow
 def test_two_models_rows_reuse_the_finetune_training_and_stack_over_three_steps(tmp_path):
-    """The two-models row trains nothing the finetune row trained: every step starts from its finished checkpoint
-    (same teacher, data, seed), and its model is the stack of every step's detector."""
+    """At one lr the two-models row trains nothing the finetune row trained: every step starts from its finished
+    checkpoint (same teacher, data, seed), and its model is the stack of every step's detector; at two lrs it trains."""
     from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
     cfg = config_from_dict({**TINY, "incremental": {"protocol": "2+1+1"}})
     report = run_benchmark(cfg, ["finetune", "two-models"], tmp_path / "run", tmp_path / "res", "tiny", command="test", tag="m")
@@ -179,6 +179,13 @@ def test_two_models_rows_reuse_the_finetune_training_and_stack_over_three_steps(
     stack = model_from_checkpoint(tm)
     assert stack.ends == [2, 3, 4] and len(stack.members) == 3
     assert 0.0 <= report["methods"]["two-models"]["map50_all"] <= 100.0
+    assert "two_models_lr" in report["settings"]
+    # At an incremental lr of its own the finetune row trains at it and two-models at the base lr: nothing is reused.
+    cfg = config_from_dict({**TINY, "incremental": {"protocol": "2+1+1", "lr": cfg.train.lr / 2}})
+    report = run_benchmark(cfg, ["finetune", "two-models"], tmp_path / "run2", tmp_path / "res", "tiny", command="test", tag="m2")
+    ft, tm = (load_checkpoint(tmp_path / "run2" / m / "step1" / "last.pth") for m in ("finetune", "two-models"))
+    assert not all(torch.equal(ft["model"][n], tm["model"][n]) for n in ft["model"])
+    assert report["settings"]["two_models_lr"] == cfg.train.lr and report["settings"]["incremental_lr"] == cfg.train.lr / 2
 
 
 def _write_report(path, report) -> str:

@@ -61,6 +61,17 @@ def test_schedule_rule_for_base_and_incremental_steps() -> None:
     assert base.factor(80, 10) == pytest.approx(0.1) and base.factor(110, 10) == pytest.approx(0.01)
 
 
+def test_a_two_models_step_trains_at_the_base_lr_unless_given_its_own() -> None:
+    cfg = _cfg(train={"epochs": 12, "lr": 0.01, "milestones": [8, 11]},
+               incremental={"epochs": 6, "lr": 0.003, "method": "two-models"})
+    assert step_schedule(cfg, with_teacher=True).lr == 0.01  # nothing to forget: the base lr, the step's epochs
+    assert step_schedule(cfg, with_teacher=True).epochs == 6
+    assert step_schedule(replaced(cfg, {"incremental.two_models_lr": 0.005}), with_teacher=True).lr == 0.005
+    assert step_schedule(replaced(cfg, {"incremental.method": "finetune"}), with_teacher=True).lr == 0.003
+    with pytest.raises(SdiddError, match="two_models_lr"):
+        replaced(cfg, {"incremental.two_models_lr": 0})
+
+
 def test_schedule_stretches_a_small_step_to_min_iters_and_leaves_a_full_one_as_the_recipe_says() -> None:
     cfg = _cfg(train={"epochs": 8, "lr": 0.01, "milestones": [6, 7], "warmup_iters": 100, "min_iters": 500})
     full = step_schedule(cfg, with_teacher=False, iters_per_epoch=90)  # NEU-DET quick: 720 images / batch 8
@@ -144,6 +155,16 @@ def test_val_fraction_holds_out_the_same_training_images_for_every_seed_and_neve
         config_from_dict({"data": {"val_fraction": 1.0}})
     with pytest.raises(SdiddError, match="holds out 0 of the 40 training images"):
         run_data.hold_out(full.train, 0.01)
+
+
+def test_eval_of_a_run_with_val_fraction_reads_its_held_out_images_unless_told_the_test_split() -> None:
+    from sdidd.cli import _default_eval_split
+    cfg = config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 40, "num_test_images": 3, "val_fraction": 0.25}})
+    held_out = {r.image_id for r in load_run_data(cfg.data).test.records}
+    assert _default_eval_split(cfg.data) == "val" and _default_eval_split(config_from_dict({}).data) == "test"
+    val = run_data.load_eval_split(cfg.data, "val")
+    assert {r.image_id for r in val.records} == held_out and "validation split" in val.name
+    assert len(run_data.load_eval_split(cfg.data, "test").records) == 3  # asked for by name: the test split
 
 
 def test_keep_checkpoints_keeps_last_and_the_newest_epochs(tmp_path: Path) -> None:

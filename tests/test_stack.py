@@ -113,6 +113,21 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     rc, out, err = run(["eval", str(tmp_path / "s1" / "last.pth"), f"data={exported / 'all_test' / 'data.yaml'}",
                         "--new-score-damp", "0", "--out", str(tmp_path / "eval0.json")], capsys)
     assert rc == 0 and (tmp_path / "eval0.json").is_file(), err  # the damping chosen at evaluation, no training
+    # benchmarks/damp_sweep.py: the same checkpoints read with several G; the damping moves only the new classes
+    import subprocess
+    import sys
+    sweep = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--damps", "0,1,4",
+                            "--threads", "1", "--out", str(tmp_path / "sweep.md"), f"a={tmp_path / 's1' / 'last.pth'}",
+                            f"b={tmp_path / 's2' / 'last.pth'}"], capture_output=True, text=True)
+    assert sweep.returncode == 0, sweep.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["run"], r["damp"]) for r in rows] == [(n, g) for n in "ab" for g in (0.0, 1.0, 4.0)]
+    # after one step the old classes' detections are the kept model's own, whatever G (after two, G damps the middle one too)
+    assert len({r["old"] for r in rows if r["run"] == "a"}) == 1, rows
+    assert "all − G = 1's, paired" in (tmp_path / "sweep.md").read_text()
+    single = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--out",
+                             str(tmp_path / "x.md"), f"a={base_model}"], capture_output=True, text=True)
+    assert single.returncode == 1 and "not a two-models checkpoint" in single.stderr.strip().splitlines()[-1], single.stderr
     rc, _, err = run(["predict", str(tmp_path / "s1" / "last.pth"), str(exported / "new" / "images" / "test"),
                       "--out", str(tmp_path / "pred")], capsys)
     assert rc == 0, err

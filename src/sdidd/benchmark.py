@@ -10,7 +10,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -116,7 +116,7 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     num_old = len(all_classes) - len(groups[-1])
     base_spec = StepSpec(list(groups[0]), list(groups[0]), "base", 0)
     teacher_res = train_step(cfg, base_spec, out_dir / "teacher", data)
-    report = report_header(cfg, groups, protocol, profile, command)
+    report = report_header(cfg, groups, protocol, profile, command, methods)
     t_ap = {c: round(teacher_res.metrics.per_class[c]["ap50"], 2) for c in groups[0]}
     report["methods"]["teacher"] = {"map50_old": round(sum(t_ap.values()) / len(t_ap), 2), "ap50_per_class": t_ap,
                                     **{k: v for k, v in method_entry(teacher_res, 0, list(t_ap)).items()
@@ -126,7 +126,7 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = method_config(cfg, method)
-        if base == "two-models":
+        if base == "two-models" and step_schedule(mcfg, True).lr == step_schedule(method_config(cfg, "finetune")[0], True).lr:
             reuse_finetune(out_dir / "finetune", out_dir / method, len(groups) - 1)
         # Step 1's new-class teacher (distill.new_teacher=finetune) is the finetune method's step 1: same teacher, data, seed.
         results = run_steps(mcfg, data, step_specs(groups, base, mcfg.incremental.old_labels)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
@@ -160,18 +160,22 @@ def reuse_finetune(finetune_dir: Path, two_models_dir: Path, steps: int) -> None
     dist.barrier()
 
 
-def report_header(cfg: Config, groups: list[list[str]], protocol: str, profile: str, command: str) -> dict[str, Any]:
+def report_header(cfg: Config, groups: list[list[str]], protocol: str, profile: str, command: str,
+                  methods: Sequence[str] = ()) -> dict[str, Any]:
     """A benchmark report's fields before any result: what ran, where, when, and the recipe's settings (`methods` empty)."""
     flat = [c for g in groups for c in g]
     num_old = len(flat) - len(groups[-1])
     base, inc = step_schedule(cfg, with_teacher=False), step_schedule(cfg, with_teacher=True)
+    stack_lr = step_schedule(method_config(cfg, "two-models")[0], with_teacher=True).lr
+    stacked = any((METHODS[m].variant_of or m) == "two-models" for m in methods if m in METHODS)
     return {
         "dataset": cfg.data.dataset, "protocol": protocol, "profile": profile, "machine": machine_description(),
         "date": _dt.date.today().isoformat(), "command": command, "classes_old": flat[:num_old], "classes_new": flat[num_old:],
         "settings": {"image_size": cfg.data.test_size, "train_sizes": cfg.data.train_sizes, "backbone": cfg.model.backbone,
                      "head": f"{cfg.model.head_channels}ch x {cfg.model.head_convs} convs", "epochs": base.epochs,
                      "incremental_epochs": inc.epochs, "batch_size": cfg.train.batch_size,
-                     "lr": base.lr, "incremental_lr": inc.lr, "min_iters": cfg.train.min_iters,
+                     "lr": base.lr, "incremental_lr": inc.lr, **({"two_models_lr": stack_lr} if stacked else {}),
+                     "min_iters": cfg.train.min_iters,
                      "new_images": cfg.incremental.new_images, "seed": cfg.train.seed,
                      **({"val_fraction": cfg.data.val_fraction} if cfg.data.val_fraction else {})},
         "methods": {},
@@ -487,9 +491,10 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
                 + "; its forward pass per iteration is in the method's train s."]
     stacks = [n for n in m if METHODS.get(n) and (METHODS[n].variant_of or n) == "two-models"]
     if stacks:  # its training is a fine-tune's; the price is paid at inference
-        out += ["", f"{', '.join(stacks)}: the trained detector is the step's fine-tune (the `finetune` row's own run is "
-                "reused when both run, so its train s are that run's); inference runs one detector per step, the old "
-                "model and the new one (twice a single model's forward time after one step)."]
+        out += ["", f"{', '.join(stacks)}: the trained detector is a fine-tune of the step at `incremental.two_models_lr` "
+                "(default: the base lr; the `finetune` row's own run is reused when both run at one lr, and its train s "
+                "are then that run's); inference runs one detector per step, the old model and the new one (twice a "
+                "single model's forward time after one step)."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)"]
         if "sdidd" in m:  # the curves are drawn from the sdidd run's log

@@ -61,8 +61,11 @@ def _join_torchrun(cfg: "Config") -> "Config":
 
 
 def _default_eval_split(d: "DataConfig") -> str:
-    """The split `eval` reads without --split: the test split, or a described dataset's val split when it has no test split."""
+    """The split `eval` reads without --split: a run's held-out images (`data.val_fraction`), else the test split, or a
+    described dataset's val split when it has no test split."""
     from .data.formats import FORMATS, described_splits
+    if d.val_fraction > 0:  # the run chose its settings there; the test split only when asked for (--split test)
+        return "val"
     if d.dataset in FORMATS and "test" not in described_splits(vars(d)) and "val" in described_splits(vars(d)):
         return "val"
     return d.test_split
@@ -73,7 +76,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .engine.build import StepSpec
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.precision import for_inference
-    from .engine.run_data import channel_view, decode_once, load_split
+    from .engine.run_data import channel_view, load_eval_split
     from .engine.trainer import log_result
     from .engine.evaluation import evaluate_model
     from .predict import checkpoint_postprocess
@@ -87,7 +90,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp), device)
     classes = list(state["classes"])
-    split = decode_once(load_split(cfg.data, split_name), cfg.data)
+    split = load_eval_split(cfg.data, split_name)
     test = channel_view(split, classes, keep_empty=True)
     spec = StepSpec(classes, list(state.get("new_classes", classes)))
     groups = spec.groups
@@ -331,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--data", help="dataset name (default: the checkpoint's)")
     s.add_argument("--root", help="dataset root folder")
-    s.add_argument("--split", help="split (default: the checkpoint's test split)")
+    s.add_argument("--split", help="split (default: the checkpoint's test split; for a run with data.val_fraction, the "
+                                   "images it held out, 'val')")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="JSON path (default: eval.json beside the checkpoint)")
     s.add_argument("--results", help="COCO results JSON of the detections (default: <out>_detections.json)")

@@ -180,6 +180,9 @@ class IncrementalConfig:
     new_class_init: str = "prior"  # prior (GFL bias init) | default (PyTorch default, as released)
     epochs: Optional[int] = None  # epochs of incremental steps (None: train.epochs)
     lr: Optional[float] = None  # lr of incremental steps (None: train.lr)
+    # lr of a two-models step's fine-tune (None: train.lr). Its old model stays frozen beside it, so it has nothing to
+    # forget (NEU-DET 2+2+2 validation split, one seed: all classes 57.3 at 0.01 against 54.6 at incremental.lr 0.003).
+    two_models_lr: Optional[float] = None
     milestones: Optional[list[int]] = None  # lr x gamma at these epochs of incremental steps (None: train.milestones)
     # Small-data protocol: each step after the base trains on this many (seeded) images holding a box of its new classes
     new_images: Optional[int] = None
@@ -479,6 +482,7 @@ def validate(cfg: Config) -> None:
     need(inc.new_class_init in ("prior", "default"), "incremental.new_class_init", "must be 'prior' or 'default'")
     need(inc.epochs is None or inc.epochs >= 1, "incremental.epochs", "must be >= 1")
     need(inc.lr is None or inc.lr > 0, "incremental.lr", "must be positive")
+    need(inc.two_models_lr is None or inc.two_models_lr > 0, "incremental.two_models_lr", "must be positive")
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
     need(inc.new_score_damp >= 0, "incremental.new_score_damp", "must be >= 0 (0: no damping)")

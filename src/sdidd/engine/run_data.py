@@ -135,7 +135,7 @@ def _splits(cfg: DataConfig, train: DetectionDataset) -> RunData:
 VAL_SEED = 20260  # one validation split per dataset, whatever train.seed: methods and seeds are compared on the same images
 
 
-def hold_out(train: DetectionDataset, fraction: float) -> tuple[DetectionDataset, DetectionDataset]:
+def hold_out(train: DetectionDataset, fraction: float, announce: bool = True) -> tuple[DetectionDataset, DetectionDataset]:
     """Split `train` into (the rest, a validation split of round(fraction * n) seeded-random images)."""
     n = len(train.records)
     k = int(round(fraction * n))
@@ -146,9 +146,18 @@ def hold_out(train: DetectionDataset, fraction: float) -> tuple[DetectionDataset
     rest = train.with_records([r for i, r in enumerate(train.records) if i not in chosen])
     val = train.with_records([r for i, r in enumerate(train.records) if i in chosen])
     val.name = f"validation split ({k} of the {n} training images, data.val_fraction={fraction})"
-    log.info(f"evaluating on a validation split: {k} of the {n} training images held out (seed {VAL_SEED}), "
-             f"training on the other {n - k}; the test split is not read")
+    if announce:
+        log.info(f"evaluating on a validation split: {k} of the {n} training images held out (seed {VAL_SEED}), "
+                 f"training on the other {n - k}; the test split is not read")
     return rest, val
+
+
+def load_eval_split(cfg: DataConfig, split: str) -> DetectionDataset:
+    """One split to evaluate on, decoded; 'val' of a run that held out `data.val_fraction` is its held-out images."""
+    if cfg.val_fraction > 0 and split in ("val", "valid", "validation"):
+        val = hold_out(load_split(cfg, cfg.train_split), cfg.val_fraction, announce=False)[1]
+        return decode_once(val, cfg)
+    return decode_once(load_split(cfg, split), cfg)
 
 
 def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str] | None = None,

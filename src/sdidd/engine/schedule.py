@@ -52,12 +52,15 @@ def step_schedule(cfg: Config, with_teacher: bool, iters_per_epoch: Optional[int
     """The schedule of a step; with `iters_per_epoch` it is adapted to the step's data (see the module docstring).
 
     A step with a teacher (finetune, erd, sdidd) uses the `incremental.*` values where set; others use `train.*`.
+    A `two-models` step (`incremental.method`) trains at `incremental.two_models_lr`, by default the base lr.
     """
     t, inc = cfg.train, cfg.incremental
     epochs, lr, milestones = t.epochs, t.lr, tuple(t.milestones)
     if with_teacher:
         epochs = inc.epochs or epochs
-        lr = inc.lr or lr
+        # The incremental lr is low to keep distillation stable and the old classes in place; a two-models step
+        # distils nothing and its old model stays frozen beside it, so its fine-tune learns at the base lr.
+        lr = (inc.two_models_lr or lr) if inc.method == "two-models" else (inc.lr or lr)
         milestones = tuple(inc.milestones) if inc.milestones is not None else milestones
     if iters_per_epoch is None:
         return Schedule(epochs, lr, milestones, t.warmup_iters, t.warmup_ratio, t.gamma)

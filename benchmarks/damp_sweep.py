@@ -1,0 +1,112 @@
+"""`two-models` checkpoints read with several new-class dampings G: old / new / all mAP50 per G, mean ± std over runs.
+
+A `two-models` checkpoint keeps the old model(s) beside a fine-tune; at inference every new-class score is multiplied
+by (1 - the best score of the earlier models at that anchor)^G (`incremental.new_score_damp`, docs/METHOD_NOTES.md,
+"Two models at inference"). G changes no weight, so it is chosen by evaluating the same checkpoints with each G: on
+the validation split a run held out (`data.val_fraction`, the default split of such a checkpoint), never on the
+test split. Each checkpoint is one run (one seed); the table gives each G's mean ± std over them and the G with the
+best mean all-class mAP50.
+
+    python benchmarks/damp_sweep.py --damps 0,0.5,1,2,4 --out docs/results/damp_sweep.md \\
+        s0=RUN/seed0/two-models/step2/last.pth s1=RUN/seed1/two-models/step2/last.pth
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from sdidd.config import resolve
+from sdidd.engine.build import StepSpec
+from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from sdidd.engine.evaluation import evaluate_model
+from sdidd.engine.run_data import channel_view, load_eval_split
+from sdidd.errors import SdiddError
+from sdidd.predict import checkpoint_postprocess
+from timing import write_report  # benchmarks/timing.py (this script's folder is on sys.path)
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate every NAME=CHECKPOINT with every G; write the Markdown table and its JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="NAME=CHECKPOINT", help="two-models checkpoints, one per run (seed)")
+    p.add_argument("--damps", default="0,0.5,1,2,4", help="comma-separated values of G")
+    p.add_argument("--split", help="split to read (default: each checkpoint's eval default: its held-out images when "
+                                   "it ran with data.val_fraction, else its test split)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True, help="Markdown report (the JSON goes beside it)")
+    a = p.parse_args(argv)
+    bad = [r for r in a.runs if "=" not in r or not r.split("=", 1)[1]]
+    if bad:
+        p.error(f"{bad[0]!r}: expected NAME=CHECKPOINT")
+    try:
+        damps = [float(g) for g in a.damps.split(",") if g.strip()]
+    except ValueError:
+        p.error(f"--damps {a.damps!r}: expected numbers separated by commas")
+    if not damps or any(g < 0 for g in damps):
+        p.error("--damps: one or more numbers >= 0")
+    torch.set_num_threads(a.threads)
+    from sdidd.cli import _default_eval_split
+    rows: list[dict] = []
+    where: set[str] = set()
+    for item in a.runs:
+        name, path = item.split("=", 1)
+        state = load_checkpoint(path)
+        if not state.get("kept_models"):
+            raise SdiddError(f"{path}: not a two-models checkpoint (no kept models): the damping has nothing to act on")
+        cfg = resolve(dict(state.get("config") or {}), [], sections=("data", "train"), command="eval")
+        split = load_eval_split(cfg.data, a.split or _default_eval_split(cfg.data))
+        where.add(split.name or a.split or "test")
+        classes = list(state["classes"])
+        test = channel_view(split, classes, keep_empty=True)
+        groups = StepSpec(classes, list(state.get("new_classes") or classes)).groups
+        post = checkpoint_postprocess(state, path, None)
+        for g in damps:
+            model = model_from_checkpoint(state, "cpu", damp=g).eval()
+            r = evaluate_model(model, test, cfg.data, torch.device("cpu"), groups=groups, postprocess=post)
+            rows.append({"run": name, "checkpoint": path, "damp": g, "old": r.groups.get("old"),
+                         "new": r.groups.get("new"), "all": r.groups["all"],
+                         "ap50_per_class": {c: r.per_class[c]["ap50"] for c in classes}})
+            print(f"{name} G={g:g}: old {rows[-1]['old']:.1f} new {rows[-1]['new']:.1f} all {rows[-1]['all']:.1f}",
+                  flush=True)
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    by = {(r["run"], r["damp"]): r for r in rows}
+    mean_all = {g: statistics.mean(by[n, g]["all"] for n in names) for g in damps}
+    best = max(damps, key=lambda g: mean_all[g])
+    command = "python benchmarks/damp_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = [f"# two-models: the new-class damping G on {', '.join(sorted(where))}", "",
+             f"- Command: `{command}`",
+             f"- Machine: CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"- Date: {dt.date.today().isoformat()}",
+             "- Each run's checkpoint read with each G (no training); mAP50 is COCO AP@0.5 (pycocotools), old / new / all.",
+             f"- Best mean all-class mAP50: **G = {best:g}**", "",
+             "| G | " + " | ".join(names) + " | all, mean ± std | all − G = 1's, paired |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for g in damps:
+        cells = [f"{by[n, g]['old']:.1f} / {by[n, g]['new']:.1f} / {by[n, g]['all']:.1f}" for n in names]
+        diff = [by[n, g]["all"] - by[n, 1.0]["all"] for n in names] if 1.0 in damps else []
+        lines.append(f"| {g:g} | " + " | ".join(cells) + f" | {_mean_std([by[n, g]['all'] for n in names])} | "
+                     + (_mean_std(diff) if diff else "–") + " |")
+    out = Path(a.out)
+    write_report(out, lines)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "date": dt.date.today().isoformat(),
+                                                    "split": sorted(where), "best_damp": best, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except SdiddError as e:  # a missing or foreign checkpoint: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
