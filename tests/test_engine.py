@@ -165,6 +165,12 @@ def test_eval_of_a_run_with_val_fraction_reads_its_held_out_images_unless_told_t
     val = run_data.load_eval_split(cfg.data, "val")
     assert {r.image_id for r in val.records} == held_out and "validation split" in val.name
     assert len(run_data.load_eval_split(cfg.data, "test").records) == 3  # asked for by name: the test split
+    # Evaluated on another dataset (data=FILE, --data, --root), the run's hold-out does not apply: that dataset's splits do.
+    from sdidd.cli import _eval_data
+    assert _eval_data(cfg, None, None, []).data.val_fraction == 0.25
+    assert _eval_data(cfg, None, None, ["data=other.yaml"]).data.val_fraction == 0.0
+    assert _eval_data(cfg, None, "/elsewhere", []).data.val_fraction == 0.0
+    assert _eval_data(cfg, None, None, ["data=other.yaml", "data.val_fraction=0.25"]).data.val_fraction == 0.25
 
 
 def test_keep_checkpoints_keeps_last_and_the_newest_epochs(tmp_path: Path) -> None:

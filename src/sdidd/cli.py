@@ -71,6 +71,19 @@ def _default_eval_split(d: "DataConfig") -> str:
     return d.test_split
 
 
+def _eval_data(cfg: "Config", dataset: Optional[str], root: Optional[str], overrides: list[str]) -> "Config":
+    """The checkpoint's config with `--data` / `--root`; another dataset than the run's drops its held-out split."""
+    from .config import replaced
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    other = bool(dataset or root or {"data", "data.dataset", "data.root"} & set(keys))
+    if other and cfg.data.val_fraction and "data.val_fraction" not in keys:
+        # The run's held-out images belong to its own dataset: another dataset is read by its own splits.
+        cfg = replaced(cfg, {"data.val_fraction": 0.0})
+    if dataset or root:
+        cfg = replaced(cfg, {**({"data.dataset": dataset} if dataset else {}), **({"data.root": root} if root else {})})
+    return cfg
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .device import select_device
     from .engine.build import StepSpec
@@ -83,9 +96,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import coco_results, save_coco_results, save_result_json
     state = load_checkpoint(a.checkpoint)
     cfg = _checkpoint_config(state, a.overrides, "eval")
-    if a.data or a.root:
-        from .config import replaced
-        cfg = replaced(cfg, {**({"data.dataset": a.data} if a.data else {}), **({"data.root": a.root} if a.root else {})})
+    cfg = _eval_data(cfg, a.data, a.root, a.overrides)
     split_name = a.split or _default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp), device)
