@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdidd.cli import _default_eval_split
     rows: list[dict] = []
     where: set[str] = set()
+    budgets: dict[str, str] = {}  # each run's training budget: every G of a run reads that one checkpoint
     for item in a.runs:
         name, path = item.split("=", 1)
         state = load_checkpoint(path)
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(dict(state.get("config") or {}), [], sections=("data", "train"), command="eval")
         split = load_eval_split(cfg.data, a.split or _default_eval_split(cfg.data))
         where.add(split.name or a.split or "test")
+        stats = state.get("stats") or {}
+        budgets[name] = f"{stats.get('epochs', state.get('epoch', '?')):g} epochs, {int(stats.get('iterations', state.get('iteration', 0)))} iterations"
         classes = list(state["classes"])
         test = channel_view(split, classes, keep_empty=True)
         groups = StepSpec(classes, list(state.get("new_classes") or classes)).groups
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
              f"- Machine: CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
              f"- Date: {dt.date.today().isoformat()}",
              "- Each run's checkpoint read with each G (no training); mAP50 is COCO AP@0.5 (pycocotools), old / new / all.",
+             f"- Runs (one seed each): {len(names)}; every G of a run reads the same checkpoint, so every row has that "
+             "run's training budget (its last step): " + "; ".join(f"{n} {budgets[n]}" for n in names) + ".",
+             *(["- One run only: the differences between G are one seed's, no mean ± std; they do not show that one G "
+                "beats another beyond that seed."] if len(names) == 1 else []),
              f"- Best mean all-class mAP50: **G = {best:g}**", "",
              "| G | " + " | ".join(names) + " | all, mean ± std | all − G = 1's, paired |",
              "|---|" + "---|" * (len(names) + 2)]
