@@ -170,15 +170,17 @@ def test_a_new_dataset_may_name_and_label_old_classes(exported: Path, base_model
 
 def test_add_classes_replays_a_few_kept_old_images(exported: Path, base_model: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
-    """--replay OLD.yaml --replay-images N: N old images per old class train with the new ones (ids kept apart)."""
-    rc, out, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay",
-                        str(exported / "base" / "data.yaml"), "--replay-images", "3", "--out", str(tmp_path / "r"),
-                        "--method", "sdidd", "train.threads=1"], capsys)
-    assert rc == 0, err
-    line = next(x for x in (out + err).splitlines() if x.startswith("replay:"))
-    assert "(3 per old class" in line
-    state = load_checkpoint(tmp_path / "r" / "last.pth")
-    assert state["config"]["incremental"]["replay_images"] == 3
+    """--replay OLD.yaml --replay-images N: N old images per old class train with the new ones (ids kept apart), in a
+    distilled step and in a two-models step's fine-tune."""
+    for method in ("sdidd", "two-models"):
+        rc, out, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay",
+                            str(exported / "base" / "data.yaml"), "--replay-images", "3", "--out", str(tmp_path / method),
+                            "--method", method, "train.threads=1"], capsys)
+        assert rc == 0, err
+        line = next(x for x in (out + err).splitlines() if x.startswith("replay:"))
+        assert "(3 per old class" in line
+        state = load_checkpoint(tmp_path / method / "last.pth")
+        assert state["config"]["incremental"]["replay_images"] == 3 and state["method"] == method
     rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay-images", "3",
                       "--out", str(tmp_path / "r2")], capsys)
     assert rc == 2 and one_line(err) and "--replay-images needs --replay" in err

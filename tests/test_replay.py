@@ -15,7 +15,7 @@ from sdidd.config import LossConfig
 from sdidd.engine.replay import batch_channels, choose_replay, offset_ids, with_replay
 from sdidd.engine.run_data import load_run_data
 from sdidd.errors import SdiddError
-from sdidd.methods import METHODS
+from sdidd.methods import METHODS, variant_config
 from sdidd.model.gfl_loss import assign_targets
 from test_distill import _step_inputs
 
@@ -89,3 +89,21 @@ def test_a_replay_step_holds_n_old_images_per_class_and_the_benchmark_offers_the
         assert sum(c in r.labels for r in replayed) >= 3
     assert step.replay_channels.tolist() == [True, True, False, False]
     assert {"sdidd-replay5", "sdidd-replay20", "sdidd-replay50"} <= set(METHODS)
+
+
+def test_two_models_replays_into_its_fine_tune_and_trains_its_own_detector_in_the_benchmark(tmp_path: Path):
+    """A two-models step with replay keeps the old model and mixes old images into its fine-tune; the benchmark then
+    trains that fine-tune itself instead of reusing the (replay-free) finetune row."""
+    from sdidd.benchmark import reuses_finetune
+    cfg = config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 40, "num_test_images": 4, "train_sizes": [64],
+                                     "test_size": 64, "max_size": 64},
+                            "model": {"pretrained": False, "fpn_channels": 16, "head_channels": 16, "head_convs": 1},
+                            "train": {"device": "cpu", "batch_size": 4, "workers": 0, "min_iters": 0}})
+    assert reuses_finetune(cfg, "two-models") and not reuses_finetune(cfg, "two-models-replay20")
+    assert not reuses_finetune(cfg, "sdidd") and not reuses_finetune(cfg, "sdidd-replay20")
+    data = load_run_data(cfg.data)
+    classes = list(data.classes)
+    teacher = build_step(cfg, StepSpec(classes[:2], classes[:2], "base", 0), data, tmp_path / "t", None).model
+    mcfg, base = variant_config(cfg, "two-models-replay20")
+    step = build_step(mcfg, StepSpec(classes, classes[2:], base, 1), data, tmp_path / "s", teacher)
+    assert step.kept is not None and step.replay_ids and step.replay_channels.tolist() == [True, True, False, False]

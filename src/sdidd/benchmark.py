@@ -126,7 +126,7 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
     final_models: dict[str, torch.nn.Module] = {}
     for method in methods:
         mcfg, base = method_config(cfg, method)
-        if base == "two-models" and step_schedule(mcfg, True).lr == step_schedule(method_config(cfg, "finetune")[0], True).lr:
+        if reuses_finetune(cfg, method):
             reuse_finetune(out_dir / "finetune", out_dir / method, len(groups) - 1)
         # Step 1's new-class teacher (distill.new_teacher=finetune) is the finetune method's step 1: same teacher, data, seed.
         results = run_steps(mcfg, data, step_specs(groups, base, mcfg.incremental.old_labels)[1:], lambda s, m=method: out_dir / m / f"step{s.step}",
@@ -146,6 +146,17 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
         _write(report, results_dir, tag, plots=True, out_dir=out_dir)
         _prediction_grids(final_models, cfg, data, all_classes, out_dir)
     return report
+
+
+def reuses_finetune(cfg: Config, method: str) -> bool:
+    """Whether `method`'s trained detector is the finetune row's: a two-models row at the finetune's lr and data
+    (a replay or other data variant trains on other images, so it trains its own)."""
+    mcfg, base = method_config(cfg, method)
+    ft_cfg = method_config(cfg, "finetune")[0]
+    return (base == "two-models" and mcfg.incremental.replay_images == ft_cfg.incremental.replay_images
+            and mcfg.incremental.old_labels == ft_cfg.incremental.old_labels
+            and mcfg.incremental.new_images == ft_cfg.incremental.new_images
+            and step_schedule(mcfg, True).lr == step_schedule(ft_cfg, True).lr)
 
 
 def reuse_finetune(finetune_dir: Path, two_models_dir: Path, steps: int) -> None:

@@ -104,6 +104,11 @@ METHODS: dict[str, Method] = {
     # A few kept old images per old class replayed with their labels (engine/replay.py): the curve N = 5, 20, 50.
     **{f"sdidd-replay{n}": Method(f"SD-IDD with {n} replayed old images per old class", variant_of="sdidd",
                                   incremental={"replay_images": n}, group="replay") for n in (5, 20, 50)},
+    # The same kept images under two-models: the fine-tune learns from them that an old defect is not a new one
+    # (the old model still answers for the old classes).
+    **{f"two-models-replay{n}": Method(f"two-models, its fine-tune with {n} replayed old images per old class",
+                                       variant_of="two-models", incremental={"replay_images": n}, group="replay")
+       for n in (5, 20, 50)},
 }
 ENGINE_METHODS = tuple(n for n, m in METHODS.items() if m.variant_of is None)  # what incremental.method accepts
 ADD_CLASSES_METHODS = tuple(n for n, m in METHODS.items() if m.add_classes)
