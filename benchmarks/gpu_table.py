@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from sdidd.benchmark import (METHOD_ORDER, format_report_table, machine_description, markdown_report, method_config, method_entry,
-                             parse_methods, report_header, reuse_finetune)
+                             parse_methods, report_header, reuse_finetune, reuses_finetune)
 from sdidd.config import (Config, TrainConfig, config_from_dict, load_config, parse_overrides, merge_dicts, protocol_groups,
                           replaced)
 from sdidd.engine.build import StepSpec
@@ -134,12 +134,12 @@ def run_job(plan: dict[str, Any], name: str) -> dict[str, Any]:
         return {"map50_old": row["map50_all"], "ap50_per_class": row["ap50_per_class"]} | {
             k: v for k, v in row.items() if k in ("train_seconds", "images_per_second", "peak_memory_mb", "images", "epochs", "iterations")}
     mcfg, base = method_config(cfg, name)
-    if base == "two-models" and (work / "finetune").is_dir():
-        # Its detector is the finetune job's step (same teacher, data, seed, schedule, the fine-tune's lr rather than
-        # the base lr a two-models step trains at by default): evaluate the joined model only, no second training job.
+    # Pinned to the fine-tune's lr (not the base lr a two-models step trains at by default), a two-models job with the
+    # finetune job's data has that job's step as its detector: evaluate the joined model only, no second training job.
+    pinned = replaced(cfg, {"incremental.two_models_lr": step_schedule(method_config(cfg, "finetune")[0], True).lr})
+    if (work / "finetune").is_dir() and reuses_finetune(pinned, name):
         reuse_finetune(work / "finetune", work / name, len(groups) - 1)
-        mcfg = replaced(mcfg, {"train.resume": True,
-                               "incremental.two_models_lr": step_schedule(method_config(cfg, "finetune")[0], True).lr})
+        mcfg = replaced(method_config(pinned, name)[0], {"train.resume": True})
     teacher = None if base == "joint" else model_from_checkpoint(load_checkpoint(work / "teacher" / "last.pth"))
     results = run_steps(mcfg, data, step_specs(groups, base)[1:], lambda s: work / name / f"step{s.step}", teacher=teacher)
     return method_entry(results[-1], num_old, classes)

@@ -1,6 +1,7 @@
 """One run, one table: the base teacher trained once, then joint / finetune / ERD / SD-IDD (+ ablations) from it."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -149,14 +150,12 @@ def _run_seed(cfg: Config, methods: list[str], data: RunData, groups: list[list[
 
 
 def reuses_finetune(cfg: Config, method: str) -> bool:
-    """Whether `method`'s trained detector is the finetune row's: a two-models row at the finetune's lr and data
-    (a replay or other data variant trains on other images, so it trains its own)."""
+    """Whether `method`'s trained detector is the finetune row's: a two-models row with the finetune's `incremental`
+    settings and lr (a replay or other data variant trains on other images, so it trains its own)."""
     mcfg, base = method_config(cfg, method)
     ft_cfg = method_config(cfg, "finetune")[0]
-    return (base == "two-models" and mcfg.incremental.replay_images == ft_cfg.incremental.replay_images
-            and mcfg.incremental.old_labels == ft_cfg.incremental.old_labels
-            and mcfg.incremental.new_images == ft_cfg.incremental.new_images
-            and step_schedule(mcfg, True).lr == step_schedule(ft_cfg, True).lr)
+    same_step = dataclasses.replace(mcfg.incremental, method="finetune") == ft_cfg.incremental
+    return base == "two-models" and same_step and step_schedule(mcfg, True).lr == step_schedule(ft_cfg, True).lr
 
 
 def reuse_finetune(finetune_dir: Path, two_models_dir: Path, steps: int) -> None:
