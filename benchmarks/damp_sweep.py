@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not damps or any(g < 0 for g in damps):
         p.error("--damps: one or more numbers >= 0")
     torch.set_num_threads(a.threads)
-    from sdidd.cli import _default_eval_split
+    from sdidd.engine.run_data import default_eval_split
     rows: list[dict] = []
     where: set[str] = set()
     budgets: dict[str, str] = {}  # each run's training budget: every G of a run reads that one checkpoint
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if not state.get("kept_models"):
             raise SdiddError(f"{path}: not a two-models checkpoint (no kept models): the damping has nothing to act on")
         cfg = resolve(dict(state.get("config") or {}), [], sections=("data", "train"), command="eval")
-        split = load_eval_split(cfg.data, a.split or _default_eval_split(cfg.data))
+        split = load_eval_split(cfg.data, a.split or default_eval_split(cfg.data))
         where.add(split.name or a.split or "test")
         stats = state.get("stats") or {}
         budgets[name] = f"{stats.get('epochs', state.get('epoch', '?')):g} epochs, {int(stats.get('iterations', state.get('iteration', 0)))} iterations"

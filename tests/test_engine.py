@@ -158,10 +158,10 @@ def test_val_fraction_holds_out_the_same_training_images_for_every_seed_and_neve
 
 
 def test_eval_of_a_run_with_val_fraction_reads_its_held_out_images_unless_told_the_test_split() -> None:
-    from sdidd.cli import _default_eval_split
+    from sdidd.engine.run_data import default_eval_split
     cfg = config_from_dict({"data": {"dataset": "synthetic", "num_train_images": 40, "num_test_images": 3, "val_fraction": 0.25}})
     held_out = {r.image_id for r in load_run_data(cfg.data).test.records}
-    assert _default_eval_split(cfg.data) == "val" and _default_eval_split(config_from_dict({}).data) == "test"
+    assert default_eval_split(cfg.data) == "val" and default_eval_split(config_from_dict({}).data) == "test"
     val = run_data.load_eval_split(cfg.data, "val")
     assert {r.image_id for r in val.records} == held_out and "validation split" in val.name
     assert len(run_data.load_eval_split(cfg.data, "test").records) == 3  # asked for by name: the test split

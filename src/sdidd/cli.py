@@ -60,17 +60,6 @@ def _join_torchrun(cfg: "Config") -> "Config":
     return cfg if device == cfg.train.device else replaced(cfg, {"train.device": device})
 
 
-def _default_eval_split(d: "DataConfig") -> str:
-    """The split `eval` reads without --split: a run's held-out images (`data.val_fraction`), else the test split, or a
-    described dataset's val split when it has no test split."""
-    from .data.formats import FORMATS, described_splits
-    if d.val_fraction > 0:  # the run chose its settings there; the test split only when asked for (--split test)
-        return "val"
-    if d.dataset in FORMATS and "test" not in described_splits(vars(d)) and "val" in described_splits(vars(d)):
-        return "val"
-    return d.test_split
-
-
 def _eval_data(cfg: "Config", dataset: Optional[str], root: Optional[str], overrides: list[str]) -> "Config":
     """The checkpoint's config with `--data` / `--root`; another dataset than the run's drops its held-out split."""
     from .config import replaced
@@ -89,7 +78,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .engine.build import StepSpec
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.precision import for_inference
-    from .engine.run_data import channel_view, load_eval_split
+    from .engine.run_data import channel_view, default_eval_split, load_eval_split
     from .engine.trainer import log_result
     from .engine.evaluation import evaluate_model
     from .predict import checkpoint_postprocess
@@ -97,7 +86,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     state = load_checkpoint(a.checkpoint)
     cfg = _checkpoint_config(state, a.overrides, "eval")
     cfg = _eval_data(cfg, a.data, a.root, a.overrides)
-    split_name = a.split or _default_eval_split(cfg.data)
+    split_name = a.split or default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
     model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp), device)
     classes = list(state["classes"])

@@ -152,6 +152,16 @@ def hold_out(train: DetectionDataset, fraction: float, announce: bool = True) ->
     return rest, val
 
 
+def default_eval_split(d: DataConfig) -> str:
+    """The split an evaluation reads when none is named: a run's held-out images (`data.val_fraction`), else the test
+    split, or a described dataset's val split when it has no test split."""
+    if d.val_fraction > 0:  # the run chose its settings there; the test split only when asked for (--split test)
+        return "val"
+    if d.dataset in FORMATS and "test" not in described_splits(vars(d)) and "val" in described_splits(vars(d)):
+        return "val"
+    return d.test_split
+
+
 def load_eval_split(cfg: DataConfig, split: str) -> DetectionDataset:
     """One split to evaluate on, decoded; 'val' of a run that held out `data.val_fraction` is its held-out images."""
     if cfg.val_fraction > 0 and split in ("val", "valid", "validation"):
