@@ -10,7 +10,7 @@ import yaml
 
 from sdidd.cli import main
 from sdidd.demo import export_defects
-from sdidd.engine.checkpoint import load_checkpoint
+from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from test_cli_errors import error_line as one_line
 from test_cli_errors import run_cli as run
 
@@ -181,6 +181,8 @@ def test_add_classes_replays_a_few_kept_old_images(exported: Path, base_model: P
         assert "(3 per old class" in line
         state = load_checkpoint(tmp_path / method / "last.pth")
         assert state["config"]["incremental"]["replay_images"] == 3 and state["method"] == method
+        if method == "two-models":  # the replayed fine-tune votes on the old classes at inference (model/stack.py)
+            assert state["stack_blend"] == 0.3 and model_from_checkpoint(state).blend == 0.3
     rc, _, err = run(["add-classes", str(base_model), str(exported / "new" / "data.yaml"), "--replay-images", "3",
                       "--out", str(tmp_path / "r2")], capsys)
     assert rc == 2 and one_line(err) and "--replay-images needs --replay" in err

@@ -35,6 +35,19 @@ def test_stack_scores_give_each_member_its_classes_and_damp_later_ones() -> None
     assert torch.allclose(undamped[2][0, :, 4], torch.tensor([0.8, 0.8]))
 
 
+def test_after_a_replay_step_the_newest_member_votes_on_the_earlier_classes() -> None:
+    """blend B: an earlier member's score s becomes s^(1-B) q^B, q the newest member's score for that class, so an old
+    model firing on a defect the replayed fine-tune knows is not its class is outvoted; the newest member's own stay."""
+    old, new = torch.tensor([[[0.8, 0.1], [0.8, 0.1]]]), torch.tensor([[[0.9, 0.1, 0.05], [0.02, 0.1, 0.9]]])
+    plain = stack_scores([old, new], [2, 3], damp=1.0)
+    voted = stack_scores([old, new], [2, 3], damp=1.0, blend=0.5)
+    assert torch.allclose(voted[0][0, 0, 0], torch.tensor((0.8 * 0.9) ** 0.5))  # both see class 0 at anchor 0: it stays high
+    assert torch.allclose(voted[0][0, 1, 0], torch.tensor((0.8 * 0.02) ** 0.5))  # anchor 1: a new defect the old model calls 0
+    assert voted[0][0, 1, 0] < 0.5 * plain[0][0, 1, 0] and voted[0][0, 0, 0] > 0.8 * plain[0][0, 0, 0]
+    assert torch.equal(voted[1], plain[1])  # the newest member's classes (damped by the unblended old scores) unchanged
+    assert all(torch.equal(x, y) for x, y in zip(stack_scores([old, new], [2, 3], 1.0, blend=0.0), plain))
+
+
 def test_a_stack_takes_the_old_classes_from_the_old_model_and_the_new_ones_from_the_new() -> None:
     torch.manual_seed(2)
     teacher, model = tiny_detector(num_classes=3).eval(), tiny_detector(num_classes=5).eval()
@@ -104,6 +117,7 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     assert rc == 0, err
     three = model_from_checkpoint(load_checkpoint(tmp_path / "s2" / "last.pth"))
     assert isinstance(three, ModelStack) and three.ends == [2, 4, 6]
+    assert three.blend == 0.0  # data-free steps: the fine-tunes never saw an old class, so they get no vote
     rc, _, err = run(["add-classes", str(tmp_path / "s1" / "last.pth"), str(more), "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "the teacher is a two-models checkpoint" in one_line(err), err
 
@@ -125,6 +139,13 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     # after one step the old classes' detections are the kept model's own, whatever G (after two, G damps the middle one too)
     assert len({r["old"] for r in rows if r["run"] == "a"}) == 1, rows
     assert "all − G = 1's, paired" in (tmp_path / "sweep.md").read_text()
+    blend = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--damps", "1",
+                            "--blends", "0,1", "--threads", "1", "--out", str(tmp_path / "blend.md"),
+                            f"a={tmp_path / 's1' / 'last.pth'}"], capture_output=True, text=True)
+    assert blend.returncode == 0, blend.stderr
+    b0, b1 = json.loads((tmp_path / "blend.json").read_text())["rows"]
+    assert (b0["blend"], b1["blend"]) == (0.0, 1.0) and b0["new"] == b1["new"]  # B moves only the old classes
+    assert b0["old"] != b1["old"], (b0, b1)  # B = 1: the data-free fine-tune's untrained old channels answer instead
     single = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--out",
                              str(tmp_path / "x.md"), f"a={base_model}"], capture_output=True, text=True)
     assert single.returncode == 1 and "not a two-models checkpoint" in single.stderr.strip().splitlines()[-1], single.stderr

@@ -88,7 +88,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     cfg = _eval_data(cfg, a.data, a.root, a.overrides)
     split_name = a.split or default_eval_split(cfg.data)
     device = select_device(a.device if a.device != "auto" else cfg.train.device, "--device")
-    model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp), device)
+    model = for_inference(model_from_checkpoint(state, device, damp=a.new_score_damp, blend=a.old_score_blend), device)
     classes = list(state["classes"])
     split = load_eval_split(cfg.data, split_name)
     test = channel_view(split, classes, keep_empty=True)
@@ -265,7 +265,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     run_predict(a.checkpoint, inputs, a.out, score_thr=a.score, batch_size=int(train.get("batch_size", a.batch_size)),
                 device=str(train.get("device", a.device)), size=data.get("test_size", a.size), skipped=skipped,
                 max_size_arg=data.get("max_size"), agnostic=a.agnostic, old_new=a.old_new,
-                new_score_damp=a.new_score_damp, **kw)
+                new_score_damp=a.new_score_damp, old_score_blend=a.old_score_blend, **kw)
     return 2 if skipped else 0  # the good images were written; a non-zero exit still tells scripts some were not
 
 
@@ -293,7 +293,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
     if a.format != "onnx":
         raise SdiddError(f"export format {shown(a.format)} is not supported (onnx)")
-    out = export_onnx(a.checkpoint, a.out, size=a.size, damp=a.new_score_damp)
+    out = export_onnx(a.checkpoint, a.out, size=a.size, damp=a.new_score_damp, blend=a.old_score_blend)
     print(f"wrote {out}")
     return 0
 
@@ -308,10 +308,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_damp_flag(s: argparse.ArgumentParser) -> None:
-    """--new-score-damp of eval, predict and export: read a two-models checkpoint with another damping."""
+    """--new-score-damp and --old-score-blend of eval, predict and export: read a two-models checkpoint otherwise."""
     s.add_argument("--new-score-damp", type=float, default=None, metavar="G",
                    help="two-models checkpoints: new-class scores x (1 - the old model's best score)^G instead of the "
                         "checkpoint's G (incremental.new_score_damp; 0: no damping)")
+    s.add_argument("--old-score-blend", type=float, default=None, metavar="B",
+                   help="two-models checkpoints: old-class scores s^(1-B) x (the newest model's score)^B instead of the "
+                        "checkpoint's B (incremental.old_score_blend, used by steps with replay; 0: no blending)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -199,6 +199,11 @@ class IncrementalConfig:
     # Method two-models: a later model's class scores x (1 - the earlier models' best score there)^this, so the new
     # classes, trained on new labels only, stay quiet on old defects (chosen on NEU-DET's validation split: 1 or 2).
     new_score_damp: float = 1.0
+    # Method two-models with replay: an earlier model's class score s becomes s^(1-b) * q^b, q the step's fine-tune's
+    # score for that class: it saw the old classes replayed beside the new defects, so it outvotes an old model firing
+    # on a new defect (model/stack.py). Only for a step that replayed old images; chosen on NEU-DET 2+2+2's validation
+    # split (docs/results/two_models_replay_blend.md). 0: the earlier models' scores as they are.
+    old_score_blend: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -486,6 +491,7 @@ def validate(cfg: Config) -> None:
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
     need(inc.new_score_damp >= 0, "incremental.new_score_damp", "must be >= 0 (0: no damping)")
+    need(0 <= inc.old_score_blend <= 1, "incremental.old_score_blend", "must be in [0, 1] (0: no blending)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
          "incremental.milestones", "must be increasing epochs >= 1")
     need(inc.start_step is None or inc.start_step >= 1, "incremental.start_step", "must be >= 1 (step 0 has no teacher)")

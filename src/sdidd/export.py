@@ -195,7 +195,7 @@ def _export_module(model: Any, size: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.members = nn.ModuleList(members)
-            self.damp = getattr(model, "damp", 0.0)
+            self.damp, self.blend = getattr(model, "damp", 0.0), getattr(model, "blend", 0.0)
             with torch.no_grad():
                 feats = members[0].features(torch.zeros(1, 3, size, size))
             grid = make_anchor_grid([tuple(f.shape[-2:]) for f in feats], list(STRIDES), torch.device("cpu"))
@@ -210,17 +210,19 @@ def _export_module(model: Any, size: int) -> Any:
             boxes = [distance2bbox(self.points, integral(reg) * self.strides) for _, reg in outs]
             scores = [cls.sigmoid() for cls, _ in outs]
             if ends is not None:
-                scores = stack_scores(scores, ends, self.damp)
+                scores = stack_scores(scores, ends, self.damp, self.blend)
             return torch.cat(boxes, 1), torch.cat(scores, 1)
 
     return DecodedGFL().eval()
 
 
 def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: Optional[int] = None,
-                opset: int = 17, verify: bool = True, damp: Optional[float] = None) -> Path:
+                opset: int = 17, verify: bool = True, damp: Optional[float] = None,
+                blend: Optional[float] = None) -> Path:
     """Export a checkpoint to ONNX (decoded boxes + sigmoid scores, NMS outside); `verify` compares onnxruntime to PyTorch.
 
-    `damp`: a two-models checkpoint's new-class damping exponent instead of its own (it is part of the graph)."""
+    `damp`, `blend`: a two-models checkpoint's new-class damping exponent and old-score blending instead of its own
+    (both are part of the graph)."""
     try:
         import onnx
         import onnxruntime as ort
@@ -242,7 +244,7 @@ def export_onnx(checkpoint: str | Path, out: Optional[str | Path] = None, size: 
         size = math.ceil(size / 32) * 32
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model_from_checkpoint(state, "cpu", damp=damp).eval()
+    model = model_from_checkpoint(state, "cpu", damp=damp, blend=blend).eval()
     module = _export_module(model, size)
     dummy = torch.rand(2, 3, size, size) * 255
     # torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript; the TorchScript exporter does not.

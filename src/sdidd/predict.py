@@ -88,7 +88,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
                 skipped: Optional[list[dict[str, str]]] = None, image_ids: Optional[Sequence[int]] = None,
                 file_names: Optional[Sequence[str]] = None, category_ids: Optional[Mapping[str, int]] = None,
                 max_size_arg: Optional[int] = None, agnostic: bool = False,
-                old_new: Optional[bool] = None, new_score_damp: Optional[float] = None) -> list[dict[str, Any]]:
+                old_new: Optional[bool] = None, new_score_damp: Optional[float] = None,
+                old_score_blend: Optional[float] = None) -> list[dict[str, Any]]:
     """Detect on `inputs`, write drawn images, predictions.json and results.json to `out`; return per-image results.
 
     Undecodable images are reported on stderr and appended to `skipped` (if given) as {"path", "error"}.
@@ -96,8 +97,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
     `category_ids` (class name -> id) replaces channel + 1 as the category id. `max_size_arg` overrides the long-side cap.
     `agnostic`: NMS across classes (one box per place, the best-scored class's) instead of per class.
     `old_new`: NMS across the classes the checkpoint's step added and those it knew before (`class_groups`); None:
-    as the checkpoint's step was evaluated (`incremental.old_new_nms`). `new_score_damp`: a two-models checkpoint's
-    new-class damping exponent instead of its own.
+    as the checkpoint's step was evaluated (`incremental.old_new_nms`). `new_score_damp`, `old_score_blend`: a
+    two-models checkpoint's new-class damping exponent and old-score blending instead of its own.
     """
     from .engine.checkpoint import load_checkpoint
     from .engine.checkpoint import model_from_checkpoint
@@ -117,7 +118,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str |
         files, file_names = [f for f, _ in found], [n for _, n in found]
     dev = select_device(device, "--device")
     state = load_checkpoint(checkpoint)
-    model = for_inference(model_from_checkpoint(state, dev, damp=new_score_damp).eval(), dev)
+    model = for_inference(model_from_checkpoint(state, dev, damp=new_score_damp, blend=old_score_blend).eval(), dev)
     classes = list(state["classes"])
     class_groups = checkpoint_postprocess(state, str(checkpoint), old_new).get("class_groups")
     data = dict(state.get("config", {}).get("data", {}))

@@ -111,7 +111,13 @@ class Step:
         """What the step's evaluation, checkpoint and next step use: the student, or with `kept` the stack of both."""
         if self.kept is None:
             return self.model
-        return stacked(self.kept, self.model, self.cfg.incremental.new_score_damp)
+        return stacked(self.kept, self.model, self.cfg.incremental.new_score_damp, self.stack_blend)
+
+    @property
+    def stack_blend(self) -> float:
+        """`incremental.old_score_blend` for a step that replayed old images; 0 otherwise: a fine-tune on new-class
+        labels only learnt nothing about the old classes, so its old scores must not vote (model/stack.py)."""
+        return self.cfg.incremental.old_score_blend if self.replay_ids else 0.0
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

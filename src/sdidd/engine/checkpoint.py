@@ -241,30 +241,38 @@ def _detector(record: dict[str, Any], weights: dict[str, torch.Tensor]) -> "GFL"
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "cpu",
-                          damp: Optional[float] = None) -> "GFL | ModelStack":
+                          damp: Optional[float] = None, blend: Optional[float] = None) -> "GFL | ModelStack":
     """Rebuild a checkpoint's model: its detector, or with `kept_models` (method two-models) the stack of detectors.
 
-    `damp` replaces a two-models checkpoint's new-class damping exponent (`incremental.new_score_damp`), e.g. to
-    choose it on a validation split without training again; for any other checkpoint it is an error.
+    `damp` replaces a two-models checkpoint's new-class damping exponent (`incremental.new_score_damp`), `blend` its
+    old-score blending (`incremental.old_score_blend`), e.g. to choose them on a validation split without training
+    again; for any other checkpoint either is an error.
     """
-    if damp is not None and (not state.get("kept_models") or not 0 <= damp < float("inf")):
-        raise SdiddError(f"new-class damping {damp:g}: " + ("must be >= 0 and finite" if state.get("kept_models") else
-                         "applies to a two-models checkpoint only (this one holds one detector)"))
+    for name, value, top, rule in (("new-class damping", damp, float("inf"), "must be >= 0 and finite"),
+                                   ("old-score blending", blend, 1.0, "must be in [0, 1]")):
+        if value is None:
+            continue
+        if not state.get("kept_models"):
+            raise SdiddError(f"{name} {value:g}: applies to a two-models checkpoint only (this one holds one detector)")
+        if not 0 <= value <= top or value == float("inf"):
+            raise SdiddError(f"{name} {value:g}: {rule}")
     model = _detector(state["detector"], state["model"])
     if state.get("kept_models"):
         from ..model.stack import ModelStack
         kept = [_detector(k["detector"], k["model"]) for k in state["kept_models"]]
         ends = [int(k["answers_to"]) for k in state["kept_models"]] + [model.num_classes]
-        model = ModelStack(kept + [model], ends, float(state.get("stack_damp", 1.0) if damp is None else damp))
+        model = ModelStack(kept + [model], ends, float(state.get("stack_damp", 1.0) if damp is None else damp),
+                           float(state.get("stack_blend", 0.0) if blend is None else blend))
     return model.to(device)
 
 
-def kept_models_record(kept: "GFL | ModelStack", damp: float) -> dict[str, Any]:
-    """What a two-models checkpoint stores besides its newest detector: the frozen earlier ones and the damping."""
+def kept_models_record(kept: "GFL | ModelStack", damp: float, blend: float = 0.0) -> dict[str, Any]:
+    """What a two-models checkpoint stores besides its newest detector: the frozen earlier ones, damping and blending."""
     from ..model.stack import ModelStack
     members, ends = (kept.members, kept.ends) if isinstance(kept, ModelStack) else ([kept], [kept.num_classes])
     return {"kept_models": [{"model": m.state_dict(), "detector": m.cfg.__dict__ | {"num_classes": m.num_classes},
-                             "answers_to": int(e)} for m, e in zip(members, ends)], "stack_damp": float(damp)}
+                             "answers_to": int(e)} for m, e in zip(members, ends)], "stack_damp": float(damp),
+            "stack_blend": float(blend)}
 
 
 def rng_state() -> dict[str, Any]:

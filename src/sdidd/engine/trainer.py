@@ -173,7 +173,7 @@ def validate(step: Step, epoch: int, result: Optional[EvalResult] = None) -> Eva
 def step_state(step: Step, epoch: int) -> dict:
     """What a checkpoint of the step after `epoch` holds (weights, classes, config, optimiser, RNG, stats)."""
     spec = step.spec
-    kept = kept_models_record(step.kept, step.cfg.incremental.new_score_damp) if step.kept is not None else {}
+    kept = kept_models_record(step.kept, step.cfg.incremental.new_score_damp, step.stack_blend) if step.kept is not None else {}
     return {
         "model": step.model.state_dict(), "detector": step.model.cfg.__dict__ | {"num_classes": len(spec.classes)},
         "classes": list(spec.classes), "new_classes": list(spec.new_classes), "step": spec.step, "method": spec.method,
