@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdidd.engine.run_data import default_eval_split
     settings = [(g, b) for g in damps for b in blends]
     rows: list[dict] = []
+    by: dict[tuple, dict] = {}  # (run, G, B as asked, None: the checkpoint's own) -> its row
     where: set[str] = set()
     budgets: dict[str, str] = {}  # each run's training budget: every setting of a run reads that one checkpoint
     for item in a.runs:
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"run": name, "checkpoint": path, "damp": g, "blend": model.blend, "old": r.groups.get("old"),
                          "new": r.groups.get("new"), "all": r.groups["all"],
                          "ap50_per_class": {c: r.per_class[c]["ap50"] for c in classes}})
+            by[name, g, b] = rows[-1]
             print(f"{name} G={g:g} B={model.blend:g}: old {rows[-1]['old']:.1f} new {rows[-1]['new']:.1f} "
                   f"all {rows[-1]['all']:.1f}", flush=True)
     names = list(dict.fromkeys(r["run"] for r in rows))
-    by = {(r["run"], r["damp"], b): r for r, (_, b) in zip(rows, settings * len(names))}
     mean_all = {k: statistics.mean(by[(n, *k)]["all"] for n in names) for k in settings}
     best = max(settings, key=lambda k: mean_all[k])
     ref = (1.0, 0.0) if (1.0, 0.0) in settings else (1.0, None) if (1.0, None) in settings else settings[0]

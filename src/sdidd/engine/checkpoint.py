@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, weights-only loading, checks of what a checkpoint holds, model and RNG state."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -248,13 +249,11 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "c
     old-score blending (`incremental.old_score_blend`), e.g. to choose them on a validation split without training
     again; for any other checkpoint either is an error.
     """
-    for name, value, top, rule in (("new-class damping", damp, float("inf"), "must be >= 0 and finite"),
-                                   ("old-score blending", blend, 1.0, "must be in [0, 1]")):
-        if value is None:
-            continue
-        if not state.get("kept_models"):
+    for name, value, ok, rule in (("new-class damping", damp, lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
+                                  ("old-score blending", blend, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
+        if value is not None and not state.get("kept_models"):
             raise SdiddError(f"{name} {value:g}: applies to a two-models checkpoint only (this one holds one detector)")
-        if not 0 <= value <= top or value == float("inf"):
+        if value is not None and not ok(value):
             raise SdiddError(f"{name} {value:g}: {rule}")
     model = _detector(state["detector"], state["model"])
     if state.get("kept_models"):
