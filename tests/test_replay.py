@@ -51,6 +51,18 @@ def test_with_replay_merges_two_datasets_without_id_clashes_and_refuses_nothing_
         with_replay(new, _ds([[2]], start=50), old_channels=2, n=1, seed=0)
 
 
+def test_replay_repeat_puts_each_replayed_image_k_times_into_an_epoch_and_the_same_images():
+    new = _ds([[2], [2], [2]])
+    old = offset_ids(_ds([[0], [1], [0, 1], [0], [1]]), start=100)
+    once, ids = with_replay(new, old, old_channels=2, n=2, seed=3)
+    four, ids4 = with_replay(new, old, old_channels=2, n=2, seed=3, repeat=4)
+    assert ids4 == ids and len(once) == 3 + len(ids) and len(four) == 3 + 4 * len(ids)
+    counts = [sum(r.image_id == i for r in four.records) for i in sorted(ids)]
+    assert counts == [4] * len(ids) and sum(r.image_id in ids for r in four.records[:3]) == 0  # new images once
+    with pytest.raises(SdiddError, match="replay_repeat"):
+        config_from_dict({"incremental": {"replay_images": 2, "replay_repeat": 0}})
+
+
 def test_replayed_images_supervise_only_the_old_channels():
     trained = torch.tensor([False, False, False, True, True, True])
     old = ~trained
@@ -107,3 +119,8 @@ def test_two_models_replays_into_its_fine_tune_and_trains_its_own_detector_in_th
     mcfg, base = variant_config(cfg, "two-models-replay20")
     step = build_step(mcfg, StepSpec(classes, classes[2:], base, 1), data, tmp_path / "s", teacher)
     assert step.kept is not None and step.replay_ids and step.replay_channels.tolist() == [True, True, False, False]
+    # Oversampled: the same kept images, each four times, so the step's epoch is longer by three copies of them.
+    xcfg, _ = variant_config(cfg, "two-models-replay20x4")
+    x4 = build_step(xcfg, StepSpec(classes, classes[2:], base, 1), data, tmp_path / "x4", teacher)
+    assert x4.replay_ids == step.replay_ids
+    assert len(x4.loader.dataset) == len(step.loader.dataset) + 3 * len(step.replay_ids)

@@ -150,7 +150,7 @@ def _cmd_add_classes(a: argparse.Namespace) -> int:
 # a validation hold-out, its protocol and resume/overwrite choices all take their defaults unless given again.
 _STEP_ONLY = {"data": ("val_fraction",), "train": ("resume", "overwrite", "out_dir"),
               "incremental": ("protocol", "groups", "method", "teacher", "start_step", "new_images", "old_labels",
-                              "replay_images")}
+                              "replay_images", "replay_repeat")}
 
 
 def _recipe_of(config: dict, dataset_keys: tuple[str, ...]) -> dict:

@@ -192,6 +192,9 @@ class IncrementalConfig:
     # Replay: this many kept old images per old class (seeded, engine/replay.py) join each incremental step with their
     # old-class labels. 0: data-free (the default). Drawn from the run's training split, or `sdidd add-classes --replay`.
     replay_images: int = 0
+    # Each replayed image appears this many times per epoch of the step (oversampling: a few kept images beside
+    # hundreds of new ones; the step's epochs stay, so its iterations grow with the copies). 1: once.
+    replay_repeat: int = 1
     # Evaluation and prediction of a step's model: a box of a class the step added is dropped where a higher-scored box
     # of an old class overlaps it (IoU > 0.6). The added classes never saw an old defect labelled "not new" and fire
     # on old defects; the distilled old channels score those higher. False: per-class NMS, the paper's protocol.
@@ -490,6 +493,7 @@ def validate(cfg: Config) -> None:
     need(inc.two_models_lr is None or inc.two_models_lr > 0, "incremental.two_models_lr", "must be positive")
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
+    need(inc.replay_repeat >= 1, "incremental.replay_repeat", "must be >= 1 (1: each replayed image once per epoch)")
     need(inc.new_score_damp >= 0, "incremental.new_score_damp", "must be >= 0 (0: no damping)")
     need(0 <= inc.old_score_blend <= 1, "incremental.old_score_blend", "must be in [0, 1] (0: no blending)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),

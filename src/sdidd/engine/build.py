@@ -193,7 +193,7 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path,
         old_source = data.replay if data.replay is not None else data.train
         old_view = channel_view(old_source, spec.classes, keep=[c for c in spec.classes[:spec.num_old] if c in old_source.classes])
         train_set, replay_ids = with_replay(train_set, old_view, spec.num_old, cfg.incremental.replay_images,
-                                            t.seed + spec.step)
+                                            t.seed + spec.step, cfg.incremental.replay_repeat)
         replay_channels = torch.zeros_like(trained)
         replay_channels[:spec.num_old] = True
     loader = train_loader(train_set, cfg.data, t.batch_size, t.workers, t.seed + spec.step)

@@ -171,7 +171,9 @@ def _effective_settings(cfg: dict[str, Any], with_teacher: bool, distilled: bool
     # The schedule below says what incremental.* change, except the small-data cut, which changes the images.
     flat.setdefault("incremental.old_labels", False)  # a checkpoint from before the key trained on new labels only
     flat.setdefault("incremental.replay_images", 0)
-    step_keys = (("incremental.new_images", "incremental.old_labels", "incremental.replay_images") if with_teacher
+    flat.setdefault("incremental.replay_repeat", 1)
+    step_keys = (("incremental.new_images", "incremental.old_labels", "incremental.replay_images",
+                  "incremental.replay_repeat") if with_teacher
                  else ("incremental.new_images",))
     flat = {k: v for k, v in flat.items() if not k.startswith("incremental.") or k in step_keys}
     if not (with_teacher and distilled):  # a step without a teacher, or a fine-tune, ignores the distillation

@@ -10,7 +10,8 @@ on them. On the new images nothing changes; distillation runs on every image. N 
 The choice rule, seeded by the step (`train.seed + step`), so every method of a benchmark replays the same
 images: for each old class in channel order, the images already chosen that hold the class count towards
 its N; the rest is drawn at random among the images holding a box of the class, never an image of the step's
-own training set. A class with fewer images than N replays all of them.
+own training set. A class with fewer images than N replays all of them. `incremental.replay_repeat=k` puts each
+replayed image k times into every epoch (oversampling, so a few kept images weigh more beside hundreds of new ones).
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def choose_replay(dataset: DetectionDataset, old_channels: int, n: int, seed: in
 
 
 def with_replay(train_set: DetectionDataset, old_data: DetectionDataset, old_channels: int, n: int,
-                seed: int) -> tuple[DetectionDataset, frozenset[int]]:
-    """`train_set` plus `n` replayed images per old class from `old_data` (both in model channels); their image ids.
+                seed: int, repeat: int = 1) -> tuple[DetectionDataset, frozenset[int]]:
+    """`train_set` plus `n` replayed images per old class from `old_data` (both in model channels), each `repeat`
+    times; their image ids.
 
     `old_data` holds old-class boxes only (a `channel_view` keeping the old classes). Its image ids must not clash
     with the training set's unless they are the same images (the teachers' caches are keyed by image id).
@@ -56,11 +58,12 @@ def with_replay(train_set: DetectionDataset, old_data: DetectionDataset, old_cha
     if not picked:
         raise SdiddError(f"incremental.replay_images={n}: {old_data.name or 'the old data'} holds no image of an old "
                          "class outside the step's own images")
-    merged = train_set.with_records(list(train_set.records) + picked)
+    merged = train_set.with_records(list(train_set.records) + picked * repeat)  # copies share an id: one image
     if old_data.pixels is not train_set.pixels:  # another dataset (add-classes --replay): both pixel caches
         merged.pixels = {**train_set.pixels, **old_data.pixels}
-    log.info(f"replay: {len(picked)} old images ({n} per old class, seed {seed}) with {sum(len(r.labels) for r in picked)} "
-             f"old-class boxes join the step's {len(train_set)} images")
+    copies = f", each {repeat} times per epoch" if repeat > 1 else ""
+    log.info(f"replay: {len(picked)} old images ({n} per old class, seed {seed}{copies}) with "
+             f"{sum(len(r.labels) for r in picked)} old-class boxes join the step's {len(train_set)} images")
     return merged, frozenset(r.image_id for r in picked)
 
 
