@@ -193,7 +193,8 @@ class IncrementalConfig:
     # old-class labels. 0: data-free (the default). Drawn from the run's training split, or `sdidd add-classes --replay`.
     replay_images: int = 0
     # Each replayed image appears this many times per epoch of the step (oversampling: a few kept images beside
-    # hundreds of new ones; the step's epochs stay, so its iterations grow with the copies). 1: once.
+    # hundreds of new ones; the step's epochs stay, so its iterations grow with the copies). 1: once. Four times was
+    # level with once on NEU-DET 2+2+2's validation split (docs/results/replay_oversample_val.md).
     replay_repeat: int = 1
     # Evaluation and prediction of a step's model: a box of a class the step added is dropped where a higher-scored box
     # of an old class overlaps it (IoU > 0.6). The added classes never saw an old defect labelled "not new" and fire
