@@ -61,6 +61,8 @@ def test_replay_repeat_puts_each_replayed_image_k_times_into_an_epoch_and_the_sa
     assert counts == [4] * len(ids) and sum(r.image_id in ids for r in four.records[:3]) == 0  # new images once
     with pytest.raises(SdiddError, match="replay_repeat"):
         config_from_dict({"incremental": {"replay_images": 2, "replay_repeat": 0}})
+    with pytest.raises(SdiddError, match="replay_repeat"):  # a repeat with nothing to repeat is a mistake, said so
+        config_from_dict({"incremental": {"replay_repeat": 4}})
 
 
 def test_replayed_images_supervise_only_the_old_channels():

@@ -495,6 +495,8 @@ def validate(cfg: Config) -> None:
     need(inc.new_images is None or inc.new_images >= 1, "incremental.new_images", "must be >= 1 (or null: every image)")
     need(inc.replay_images >= 0, "incremental.replay_images", "must be >= 0 (0: no replay)")
     need(inc.replay_repeat >= 1, "incremental.replay_repeat", "must be >= 1 (1: each replayed image once per epoch)")
+    need(inc.replay_repeat == 1 or inc.replay_images > 0, "incremental.replay_repeat",
+         "repeats replayed images: set incremental.replay_images too (0: nothing is replayed)")
     need(inc.new_score_damp >= 0, "incremental.new_score_damp", "must be >= 0 (0: no damping)")
     need(0 <= inc.old_score_blend <= 1, "incremental.old_score_blend", "must be in [0, 1] (0: no blending)")
     need(inc.milestones is None or (all(x >= 1 for x in inc.milestones) and inc.milestones == sorted(inc.milestones)),
