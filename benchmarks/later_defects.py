@@ -17,7 +17,7 @@ import torch
 from sdidd.config import load_config
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.evaluation import evaluate_model
-from sdidd.engine.run_data import channel_view, load_run_data
+from sdidd.engine.run_data import channel_view, load_run_data, only_images_of
 from sdidd.errors import SdiddError
 
 
@@ -37,9 +37,7 @@ def main() -> None:
     classes = list(state["classes"])
     model = model_from_checkpoint(state).eval()
     test = channel_view(data.test, classes, keep_empty=True)
-    labelled = channel_view(data.test, list(data.classes), keep_empty=True)  # every box, to find the unknown classes
-    later = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in classes for c in r.labels)}
-    known = test.with_records([r for r in test.records if r.image_id not in later])
+    known = only_images_of(test, data.test, set(classes))  # no box of a class the checkpoint does not know
     groups = {"all": list(range(len(classes))), **{c: [i] for i, c in enumerate(classes)}}
     res = [evaluate_model(model, ds, cfg.data, torch.device("cpu"), groups=groups).groups for ds in (test, known)]
     print(f"| class | AP50, all {len(test.records)} images | AP50, the {len(known.records)} without an unknown "

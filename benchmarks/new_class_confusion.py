@@ -32,7 +32,7 @@ from torch import nn
 from sdidd.config import load_config
 from sdidd.engine.build import StepSpec
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from sdidd.engine.run_data import channel_view, load_run_data
+from sdidd.engine.run_data import channel_view, load_run_data, only_images_of
 from sdidd.engine.evaluation import evaluate_model
 from sdidd.model.stack import ModelStack
 
@@ -95,7 +95,6 @@ def main() -> None:
     rows = []
     scorer = model_from_checkpoint(load_checkpoint(a.damp_by)).eval() if a.damp_by else None
     old_model = model_from_checkpoint(load_checkpoint(a.old_from)).eval() if a.old_from else None
-    labelled = channel_view(data.test, list(data.classes), keep_empty=True)  # every box, for "without old defects"
     modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
     for item in a.models:
         name, path = item.split("=", 1)
@@ -104,13 +103,9 @@ def main() -> None:
         test = channel_view(data.test, classes, keep_empty=True)
         # "without old defects": no box of any dataset class outside the model's new channels, read from the full
         # labels, so a model that knows only the new classes (--old 0) is measured on the same images
-        new_names = set(classes[a.old:])
-        foreign = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in new_names for c in r.labels)}
-        clean = test.with_records([r for r in test.records if r.image_id not in foreign])
+        clean = only_images_of(test, data.test, set(classes[a.old:]))
         # "without new defects": no box of a class outside the model's old channels (for the old teacher too)
-        old_names = set(classes[:a.old])
-        with_new = {r.image_id for r in labelled.records if any(data.classes[int(c)] not in old_names for c in r.labels)}
-        no_new = test.with_records([r for r in test.records if r.image_id not in with_new])
+        no_new = only_images_of(test, data.test, set(classes[:a.old]))
         model = model_from_checkpoint(state).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
         old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]

@@ -209,6 +209,7 @@ def test_merge_joins_seeds_run_apart_and_keeps_each_seeds_rows(tmp_path):
     md = (tmp_path / "res" / "m.md").read_text()
     assert "| sdidd | 52.0 ± 2.0 | 65.0 ± 5.0 |" in md and "Merged: `s01.json` (seeds 0, 1;" in md
     assert (tmp_path / "res" / "m_per_class.png").is_file()
+    assert "sdidd_losses" not in md and not (tmp_path / "res" / "m_sdidd_losses.png").exists()  # no log: no curves named
 
 
 def test_merge_refuses_mixed_recipes_a_seed_twice_and_overwriting(tmp_path, capsys):

@@ -239,6 +239,17 @@ def test_channel_view_labels_boxes_with_their_model_channel(syn_train: Detection
         channel_view(syn_train, ["crack", "dent"], keep=["dent"])
 
 
+def test_only_images_of_reads_every_label_from_the_full_split(syn_train: DetectionDataset) -> None:
+    """A view that dropped the crack boxes still loses the images holding a crack: the labels come from the full split."""
+    from sdidd.engine.run_data import channel_view, only_images_of
+    view = channel_view(syn_train, ["scratch", "spot"], keep_empty=True)  # crack / patch boxes dropped, images kept
+    kept = only_images_of(view, syn_train, {"scratch", "spot"})
+    expected = [r.image_id for r in syn_train.records if np.isin(r.labels, [0, 1]).all()]  # background images too
+    assert [r.image_id for r in kept.records] == expected and 0 < len(kept) < len(view)
+    assert kept.classes == view.classes and all(len(r.labels) == 0 or r.labels.max() < 2 for r in kept.records)
+    assert len(only_images_of(view, syn_train, set(syn_train.classes))) == len(view)
+
+
 def test_summary_and_record_types() -> None:
     r = Record(1, "/x.jpg", 10, 10, [[0, 0, 5, 5], [1, 1, 2, 2]], [0, 1])
     assert r.boxes.dtype == np.float32 and r.labels.dtype == np.int64

@@ -126,3 +126,4 @@ def test_two_models_replays_into_its_fine_tune_and_trains_its_own_detector_in_th
     x4 = build_step(xcfg, StepSpec(classes, classes[2:], base, 1), data, tmp_path / "x4", teacher)
     assert x4.replay_ids == step.replay_ids
     assert len(x4.loader.dataset) == len(step.loader.dataset) + 3 * len(step.replay_ids)
+    assert x4.stats["images"] == step.stats["images"] == len(step.loader.dataset)  # the report counts each image once

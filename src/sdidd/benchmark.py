@@ -507,7 +507,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
                 "single model's forward time after one step)."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)"]
-        if "sdidd" in m:  # the curves are drawn from the sdidd run's log
+        if "sdidd" in m and out_dir is not None and (out_dir / "sdidd" / "step1" / "log.csv").exists():  # as _write draws them
             out += ["", f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
         if out_dir is not None:
             split = "validation" if val else "test"

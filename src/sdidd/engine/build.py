@@ -207,7 +207,9 @@ def build_step(cfg: Config, spec: StepSpec, data: RunData, out_dir: Path,
     step = Step(cfg, spec, Path(out_dir), device, model, model, teacher if distill is not None and uses_teacher(distill) else None,
                 distill, qfl_weight(cfg, method), trained, loader, test_set, optimizer, scheduler, schedule,
                 stats={"train_seconds": 0.0, "train_images": 0.0, "epochs": round(iterations(schedule, iters_per_epoch) / max(iters_per_epoch, 1), 2),
-                       "iterations": float(iterations(schedule, iters_per_epoch)), "images": float(len(train_set)), **stats})
+                       "iterations": float(iterations(schedule, iters_per_epoch)),
+                       # distinct images: an oversampled replay image (replay_repeat) is one image, seen k times an epoch
+                       "images": float(len({r.image_id for r in train_set.records})), **stats})
     step.pseudo_channels, step.replay_ids, step.replay_channels = pseudo_channels, replay_ids, replay_channels
     step.kept = kept
     step.mode = train_mode(t.amp, t.channels_last, device)

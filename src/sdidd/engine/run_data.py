@@ -198,6 +198,16 @@ def channel_view(dataset: DetectionDataset, channels: list[str], keep: list[str]
     return out
 
 
+def only_images_of(view: DetectionDataset, full: DetectionDataset, allowed: set[str]) -> DetectionDataset:
+    """`view`'s images whose every box in `full` (the same images with all their labels) is of a class in `allowed`.
+
+    Used to measure a model on the images without a defect it does not know (or without an old one): `view` may
+    have dropped those boxes, so the labels are read from `full`, matched by image id.
+    """
+    foreign = {r.image_id for r in full.records if any(full.classes[int(c)] not in allowed for c in r.labels)}
+    return view.with_records([r for r in view.records if r.image_id not in foreign])
+
+
 def cut_new_images(dataset: DetectionDataset, classes: list[str], n: int, seed: int,
                    keep_other_boxes: bool = False) -> DetectionDataset:
     """Keep `n` seeded-random images among those holding a box of `classes` (the others stay): the small-data protocol.
