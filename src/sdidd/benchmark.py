@@ -352,8 +352,14 @@ def _write(report: dict[str, Any], results_dir: Path, tag: str, plots: bool = Fa
         plot_per_class_ap(methods, report["classes_old"], report["classes_new"], results_dir / f"{tag}_per_class.png",
                           title=f"{report['dataset']} {report['protocol']} ({report['profile']}{seeds}): AP50 per class",
                           errors=errors or None)
-        if out_dir is not None and (out_dir / "sdidd" / f"step{1}" / "log.csv").exists():
-            plot_training_curves(out_dir / "sdidd" / "step1" / "log.csv", results_dir / f"{tag}_sdidd_losses.png")
+        if (log_csv := _sdidd_log(out_dir)) is not None:
+            plot_training_curves(log_csv, results_dir / f"{tag}_sdidd_losses.png")
+
+
+def _sdidd_log(out_dir: Optional[Path]) -> Optional[Path]:
+    """The sdidd row's step-1 training log in a run folder, if there is one (a merged report has none)."""
+    path = out_dir / "sdidd" / "step1" / "log.csv" if out_dir is not None else None
+    return path if path is not None and path.exists() else None
 
 
 def _pm(v: dict[str, Any], key: str, per_class: Optional[str] = None) -> str:
@@ -507,7 +513,7 @@ def markdown_report(report: dict[str, Any], tag: Optional[str] = None, out_dir: 
                 "single model's forward time after one step)."]
     if tag:
         out += ["", f"![AP50 per class]({tag}_per_class.png)"]
-        if "sdidd" in m and out_dir is not None and (out_dir / "sdidd" / "step1" / "log.csv").exists():  # as _write draws them
+        if "sdidd" in m and _sdidd_log(out_dir) is not None:  # the curves _write draws from the sdidd run's log
             out += ["", f"Training curves of SD-IDD's incremental step: `{tag}_sdidd_losses.png`."]
         if out_dir is not None:
             split = "validation" if val else "test"
