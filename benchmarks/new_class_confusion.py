@@ -16,6 +16,9 @@ boxes, which the distilled model scores higher on old defects, then remove the n
 `--old-new`, the step setting `incremental.old_new_nms`: a new-class box goes where a higher-scored old-class box
 overlaps it; old boxes stay, and within a group NMS stays per class. `--set data.val_fraction=0.2` measures on the
 validation split the run held out (the checkpoints must have been trained with the same setting).
+`--per-class` adds a table of each class's AP50 on all images and on its group's subset (a new class on the images
+without old defects, an old class on those without new defects). `--blend B` reads two-models checkpoints with the
+old-score blending B instead of the one they stored (`incremental.old_score_blend`).
 `--old-damp G` (repeatable) uses the model's own old channels at inference instead: every new-class score is
 multiplied by (1 - the anchor's best old-class score)^G before post-processing, so a new-class box where the old
 classes are confident ranks lower within its class; with `--damp-by TEACHER.pth` the old scores come from that model
@@ -66,7 +69,7 @@ class OldDamped(nn.Module):
         return self.model.postprocess(out, image_sizes, **kw)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Evaluate each NAME=CHECKPOINT's new classes (channels --old and up) on both test sets; print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="neu_det_quick", help="recipe or YAML of the data (test split, sizes)")
@@ -81,9 +84,11 @@ def main() -> None:
                     help="also evaluate each model with its old classes taken from this model (two models at "
                          "inference; with --old-damp, the new classes damped by its old scores)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (e.g. data.val_fraction=0.2); repeatable")
+    ap.add_argument("--per-class", action="store_true", help="also print each class's AP50 on all images and on its subset")
+    ap.add_argument("--blend", type=float, help="two-models checkpoints: read them with this old-score blending")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     ap.add_argument("models", nargs="+", metavar="NAME=CHECKPOINT")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bad = [m for m in a.models if "=" not in m or not m.split("=", 1)[1]]
     if bad:
         ap.error(f"{bad[0]!r}: expected NAME=CHECKPOINT")
@@ -92,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cfg = load_config(a.recipe, a.set)
     data = load_run_data(cfg.data)
-    rows = []
+    rows, per_class = [], []
     scorer = model_from_checkpoint(load_checkpoint(a.damp_by)).eval() if a.damp_by else None
     old_model = model_from_checkpoint(load_checkpoint(a.old_from)).eval() if a.old_from else None
     modes = [("per class", {})] + ([("across classes", {"agnostic": True})] if a.agnostic else [])
@@ -106,7 +111,7 @@ def main() -> None:
         clean = only_images_of(test, data.test, set(classes[a.old:]))
         # "without new defects": no box of a class outside the model's old channels (for the old teacher too)
         no_new = only_images_of(test, data.test, set(classes[:a.old]))
-        model = model_from_checkpoint(state).eval()
+        model = model_from_checkpoint(state, blend=a.blend).eval()
         groups = {"old": list(range(a.old)), "new": list(range(a.old, len(classes))), "all": list(range(len(classes)))}
         old_new = [("across old and new", StepSpec(classes, classes[a.old:]).postprocess(True))]
         damped = [(f"old-damped, G = {g:g}", {}, OldDamped(model, a.old, g, scorer).eval()) for g in a.old_damp]
@@ -115,16 +120,24 @@ def main() -> None:
                         ModelStack([old_model, model], [a.old, len(classes)], g).eval()) for g in [0.0, *a.old_damp]]
         for mode, post, net in [(m, p, model) for m, p in modes + (old_new if a.old_new else [])] + damped:
             full, part, old_part = (evaluate_model(net, ds, cfg.data, torch.device("cpu"), groups=groups,
-                                                   postprocess=post).groups if ds is not None else None
+                                                   postprocess=post) if ds is not None else None
                                     for ds in (test, clean, no_new if a.old else None))
-            rows.append((name, mode, full["new"], part["new"], full["old"], old_part["old"] if old_part else None,
-                         full["all"]))
+            rows.append((name, mode, full.groups["new"], part.groups["new"], full.groups["old"],
+                         old_part.groups["old"] if old_part else None, full.groups["all"]))
+            # each class on its own group's subset: a new class where no old defect can be called it, and back
+            per_class += [(name, mode, c, full.per_class[c]["ap50"],
+                           (part if i >= a.old else old_part).per_class[c]["ap50"] if (part if i >= a.old else old_part)
+                           else None) for i, c in enumerate(classes)]
         n_all, n_clean, n_no_new = len(test.records), len(clean.records), len(no_new.records)
     where = "validation" if cfg.data.val_fraction else "test"
     lines = [f"| model | NMS | new mAP50, all {n_all} {where} images | new mAP50, the {n_clean} without old defects "
              f"| old mAP50 | old mAP50, the {n_no_new} without new defects | all mAP50 |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {m} | {f:.1f} | {c:.1f} | {o:.1f} | {'–' if on is None else f'{on:.1f}'} | {al:.1f} |"
               for n, m, f, c, o, on, al in rows]
+    if a.per_class:
+        lines += ["", f"| model | NMS | class | AP50, all {n_all} {where} images | AP50, new classes on the {n_clean} "
+                  f"without old defects, old classes on the {n_no_new} without new defects |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {m} | {c} | {f:.1f} | {'–' if s is None else f'{s:.1f}'} |" for n, m, c, f, s in per_class]
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")

@@ -3,8 +3,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from sdidd.engine.checkpoint import save_checkpoint
+from sdidd.errors import SdiddError
 from test_model import tiny_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +51,25 @@ def test_old_damped_scores_can_come_from_another_model() -> None:
     assert torch.allclose(got[..., 3:], plain[..., 3:] * (1 - q.amax(-1, keepdim=True)), atol=1e-5)
     own = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True))
     assert not torch.allclose(got[..., 3:], own, atol=1e-4)
+
+
+def test_per_class_table_gives_each_class_on_its_own_subset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--per-class: one row per class, new classes on the images without old defects; --blend needs a stack."""
+    torch.manual_seed(0)
+    teacher, model = tiny_detector(num_classes=2).eval(), tiny_detector(num_classes=4).eval()
+    rec = lambda m: m.cfg.__dict__ | {"num_classes": m.num_classes}  # noqa: E731
+    single = {"model": model.state_dict(), "detector": rec(model), "classes": ["scratch", "spot", "patch", "crack"]}
+    save_checkpoint(single, tmp_path / "one.pth")
+    save_checkpoint(single | {"kept_models": [{"model": teacher.state_dict(), "detector": rec(teacher), "answers_to": 2}]},
+                    tmp_path / "stack.pth")
+    sets = ["data.num_train_images=2", "data.num_test_images=8", "data.train_sizes=[64]", "data.test_size=64",
+            "data.max_size=64", "model.pretrained=false"]
+    common = ["--recipe", "synthetic_quick", *(x for kv in sets for x in ("--set", kv)), "--old", "2"]
+    _confusion_script().main([*common, "--per-class", "--blend", "0.3", f"s={tmp_path / 'stack.pth'}"])
+    out = capsys.readouterr().out
+    rows = [r.split(" | ") for r in out.splitlines() if r.startswith("| s | per class | ")]
+    assert len(rows) == 5 and len(rows[0]) == 7, out  # the group row, then one row per class
+    assert [r[2] for r in rows[1:]] == ["scratch", "spot", "patch", "crack"] and {len(r) for r in rows[1:]} == {5}, out
+    assert "| AP50, new classes on the " in out and " without old defects, old classes on the " in out, out
+    with pytest.raises(SdiddError, match="two-models checkpoint only"):
+        _confusion_script().main([*common, "--blend", "0.3", f"one={tmp_path / 'one.pth'}"])
