@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import shlex
 import statistics
-import sys
 import time
 
 import torch
@@ -25,7 +23,7 @@ from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from sdidd.engine.evaluation import evaluate_model
 from sdidd.engine.precision import amp_enabled
 from sdidd.engine.run_data import channel_view, decode_once, load_split
-from timing import write_report  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import command_line, write_report  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((ckpt, len(test), cfg.data.test_size, trained, maps,
                      {m: statistics.median(v) for m, v in seconds.items()}))
     lines = ["# Evaluation in bf16 against fp32 (CPU)", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Machine: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
              f"torch {torch.__version__}; Python {platform.python_version()}",
              f"- Date: {dt.date.today().isoformat()}",

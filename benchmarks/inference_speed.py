@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from sdidd.engine.checkpoint import load_checkpoint
 from sdidd.engine.checkpoint import model_from_checkpoint
 from sdidd.engine.precision import amp_enabled
 from sdidd.model.detector import GFL, DetectorConfig, build_detector
-from timing import seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import command_line, seconds_per_call  # benchmarks/timing.py (this script's folder is on sys.path)
 
 _BACKBONES = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1", "lite2": "tf_efficientnet_lite2",
               "resnet50": "resnet50"}
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"docs/results/inference_speed_{device.type}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Inference speed ({device.type})", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Machine: {machine}; torch {torch.__version__}; Python {platform.python_version()}",
              f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.size}x{a.size} px, `GFL.predict` (forward + decoding + score filter + class-aware NMS), "

@@ -15,9 +15,7 @@ import argparse
 import datetime as dt
 import itertools
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from sdidd.config import LossConfig
 from sdidd.engine import precision
 from sdidd.engine.objective import step_loss
 from sdidd.model.detector import build_detector
-from timing import QUICK, matmul_gflops, seconds_per_call, step_flops  # benchmarks/timing.py (this folder is on sys.path)
+from timing import QUICK, command_line, matmul_gflops, seconds_per_call, step_flops  # benchmarks/timing.py (this folder is on sys.path)
 from train_speed import padded_batch  # the same random images and boxes as the speed benchmark
 
 MODES = {"fp32": (False, False), "bf16": (True, False), "channels_last fp32": (False, True), "channels_last bf16": (True, True)}
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16_peak = f"{peak['bf16']:.0f} GFLOP/s in bf16" if native_bf16 else "bf16 not measured (no native bf16: emulated)"
     print(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, {bf16_peak}")
     lines = ["# Training precision and memory format on this CPU", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Machine: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
              f"native bf16: {native_bf16}; torch {torch.__version__}",
              f"- Date: {dt.date.today().isoformat()}",

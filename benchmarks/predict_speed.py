@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from before_after import source_tree  # benchmarks/before_after.py, timing.py (this script's folder is on sys.path)
-from timing import write_report
+from timing import command_line, write_report
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds.setdefault((version, size), []).append(s)
                 print(f"round {r + 1}, {size} px, {version}: {s:.1f} s ({n / s:.1f} images/s)", flush=True)
     lines = ["# `sdidd predict` on CPU: images/s before and after", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Versions: before = `{a.before}`, after = `{a.after or 'this checkout'}`",
              f"- Machine: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}",
              f"- Date: {dt.date.today().isoformat()}",

@@ -1,6 +1,8 @@
 """Shared by the speed benchmarks: seconds per call of a step (warm-up, CUDA synchronisation), FLOPs and the matmul peak."""
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -9,6 +11,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdidd.model.detector import DetectorConfig, build_detector
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run, `python benchmarks/NAME.py ARGS`, also when main(argv) was called directly."""
+    return "python " + shlex.join([f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_report(path: str | Path, lines: list[str]) -> None:

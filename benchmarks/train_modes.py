@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from timing import command_line  # benchmarks/timing.py (this script's folder is on sys.path)
 
 MODES = {"fp32": ("false", "false"), "bf16": ("true", "false"), "channels_last fp32": ("false", "true"),
          "channels_last bf16": ("true", "true")}
@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of: {', '.join(MODES)}")
     p.add_argument("--out", default="docs/results/train_modes_cpu.md")
     p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data.train_sizes=[320])")
     a = p.parse_args(argv)
-    modes = list(MODES)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes) or "fp32" not in modes:
+        p.error(f"--modes {a.modes!r}: a comma-separated subset of {', '.join(MODES)}, with fp32 (the ratios' base)")
     speed: dict[tuple[int, str], list[float]] = {}
     iters: dict[tuple[int, str], int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     speed.setdefault((batch, mode), []).append(v)
                     print(f"round {r + 1}, batch {batch}, {mode}: {v:.2f} img/s", flush=True)
     lines = [f"# Training loop speed per precision and memory format: `{a.recipe}`", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Machine: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}",
              f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: `sdidd train {a.recipe}` for {a.epochs} epoch(s) per run (data loading, augmentation, loss, "

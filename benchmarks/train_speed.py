@@ -18,9 +18,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import platform
-import shlex
 import statistics
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from sdidd.engine import precision
 from sdidd.engine.objective import step_loss
 from sdidd.engine.incremental import extend_student, freeze_teacher
 from sdidd.model.detector import DetectorConfig, build_detector
-from timing import matmul_gflops, seconds_per_call, step_flops  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import command_line, matmul_gflops, seconds_per_call, step_flops  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 class _FeatureExtractor(nn.Module):
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"docs/results/train_speed_{device.type}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Training speed: sdidd GFL vs torchvision FCOS ({device.type})", "",
-             f"- Command: `python {' '.join(shlex.quote(x) for x in sys.argv)}`",
+             f"- Command: `{command_line(__file__, argv)}`",
              f"- Machine: {machine}; torch {torch.__version__}", f"- Date: {dt.date.today().isoformat()}",
              f"- Setting: {a.backbone} (random init), FPN P3-P7 {a.fpn_channels} ch, head {a.head_convs} convs, "
              f"{a.size}x{a.size} px, batch {a.batch}, {a.num_classes} classes, precision: {precision.describe(a.amp, device)}"

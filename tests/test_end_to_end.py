@@ -22,7 +22,8 @@ def tiny_cfg(tmp_path, **sections):
                  "test_size": 128, "max_size": 128, "flip": 0.0, "check": False},
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": True, "fpn_channels": 64, "head_channels": 64, "head_convs": 2},
         "train": {"epochs": 30, "min_iters": 0, "batch_size": 4, "lr": 0.02, "warmup_iters": 10, "milestones": [25], "workers": 0,
-                  "device": "cpu", "progress": False, "out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 1},
+                  "device": "cpu", "progress": False, "out_dir": str(tmp_path / "run"), "log_every": 1, "threads": 1,
+                  "save_every": 20},  # 1-2 iterations per epoch: a checkpoint each epoch would cost more than the training
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v}
@@ -92,7 +93,8 @@ def test_add_classes_keeps_more_of_the_old_classes_than_finetuning(memorised_tea
     for method in ("finetune", "sdidd+"):  # sdidd+ is add-classes' default
         argv = ["add-classes", str(result.checkpoint), str(tmp_path / "new" / "data.yaml"), "--old-test",
                 str(tmp_path / "old" / "data.yaml"), "--method", method, "--out", str(tmp_path / method),
-                "incremental.epochs=40", "incremental.lr=0.003", "incremental.milestones=[]", "train.grad_clip=35"]
+                "incremental.epochs=40", "incremental.lr=0.003", "incremental.milestones=[]", "train.grad_clip=35",
+                "train.save_every=20"]
         assert main(argv) == 0
         table = json.loads((tmp_path / method / "add_classes.json").read_text())
         assert [r["class"] for r in table["rows"]] == ["scratch", "patch", "spot", "crack"]

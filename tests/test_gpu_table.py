@@ -1,14 +1,16 @@
 """The GPU table's parts on CPU: device-side batches, speed switches, compact weights, staging, and the --dry-run."""
-import importlib.util
+import contextlib
+import io
 import json
-import subprocess
-import sys
+import logging
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bench_scripts import load_script
 from sdidd.config import config_from_dict, load_config
 from sdidd.data.transforms import collate, resize_and_flip
 from sdidd.engine.build import StepSpec, build_step
@@ -18,7 +20,6 @@ from sdidd.engine.trainer import batch_to_device, speed_setup
 from sdidd.errors import SdiddError
 from sdidd.model.backbone import build_backbone, save_lite_body
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"dataset": "synthetic", "num_train_images": 8, "num_test_images": 4, "train_sizes": [64], "test_size": 64,
              "max_size": 64, "check": False},
@@ -28,13 +29,7 @@ TINY = {
 }
 
 
-def _script(name: str):
-    """Import benchmarks/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[f"_bench_{name}"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+_script = load_script
 
 
 def _pairs(sizes: list[tuple[int, int]], gen: torch.Generator) -> list[tuple[torch.Tensor, dict]]:
@@ -149,10 +144,19 @@ def test_stage_gpu_packs_data_weights_and_wheel(tmp_path):
     assert m["missing"] and "pycocotools" in m["missing"][0]
 
 
-def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_table.py"), "--dry-run", "--parallel", "2",
-                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *args],
-                          capture_output=True, text=True, timeout=300)
+def _dry_run(tmp_path: Path, *args: str) -> SimpleNamespace:
+    """gpu_table.py --dry-run in this process (its jobs are processes): exit code, stdout (its log) and stderr."""
+    logger = logging.getLogger("sdidd")  # the driver logs to the stdout it finds; give back the logger as it was
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers.clear()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = _script("gpu_table").main(["--dry-run", "--parallel", "2", "--out", str(tmp_path / "out"),
+                                            "--work", str(tmp_path / "work"), *args])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.slow

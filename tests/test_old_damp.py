@@ -1,25 +1,18 @@
 """benchmarks/new_class_confusion.py --old-damp: new-class scores fall where the old classes are confident."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench_scripts import load_script
 from sdidd.engine.checkpoint import save_checkpoint
 from sdidd.errors import SdiddError
 from test_model import tiny_detector
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _confusion_script():
-    """Import benchmarks/new_class_confusion.py as a module."""
-    spec = importlib.util.spec_from_file_location("_bench_new_class_confusion", ROOT / "benchmarks" / "new_class_confusion.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_new_class_confusion"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/new_class_confusion.py as a module."""
+    return load_script("new_class_confusion")
 
 
 def test_old_damped_scores_scale_new_classes_by_the_old_confidence_and_keep_old_ones() -> None:

@@ -272,6 +272,24 @@ def test_resume_refuses_other_training_settings_but_not_runtime_ones(finished_ru
     assert rc == 0 and "at epoch 2/2" in out, err
 
 
+def test_save_every_writes_every_nth_epoch_and_the_last_and_resume_continues_from_it(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    """train.save_every=2 over 3 epochs: checkpoints after epochs 2 and 3 only; a longer run resumes from epoch 3."""
+    cfg = write_cfg(tmp_path / "cfg.yaml", train={"epochs": 3, "keep_checkpoints": 5, "save_every": 2})
+    run = tmp_path / "run"
+    rc, _, err = run_cli(["train", str(cfg), f"train.out_dir={run}"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in run.glob("*.pth")) == ["epoch_2.pth", "epoch_3.pth", "last.pth"]
+    assert load_checkpoint(run / "epoch_2.pth")["epoch"] == 2 and load_checkpoint(run / "last.pth")["epoch"] == 3
+    # save_every only says how often to write: a resume may change it
+    rc, out, err = run_cli(["train", str(cfg), f"train.out_dir={run}", "train.resume=true", "train.epochs=4",
+                            "train.save_every=1"], capsys)
+    assert rc == 0 and "at epoch 3/4" in out, err
+    assert load_checkpoint(run / "last.pth")["epoch"] == 4 and (run / "epoch_4.pth").is_file()
+    rc, _, err = run_cli(["train", str(cfg), f"train.out_dir={tmp_path / 'x'}", "train.save_every=0"], capsys)
+    assert rc == 2 and "train.save_every" in one_line_error(err)
+
+
 # ---------------------------------------------------------------- 2. interrupted checkpoint writes
 
 def _partial_save(exc: BaseException) -> Callable[..., None]:

@@ -1,15 +1,13 @@
 """The speed scripts under benchmarks/ still run and write their reports (tiny sizes; no timing asserted)."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import run_script
 
 
 def _run(script: str, *args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True, text=True)
+    assert run_script(Path(script).stem, *args) == 0
 
 
 @pytest.mark.slow
@@ -62,10 +60,12 @@ def test_eval_modes_writes_report(tmp_path):
 @pytest.mark.slow
 def test_train_modes_writes_report_with_each_rows_budget(tmp_path):
     out = tmp_path / "modes.md"
+    # one process per mode: two modes cover the table (all four run the same code path)
     _run("train_modes.py", "--recipe", "synthetic_quick", "--batches", "4", "--rounds", "1", "--out", str(out),
-         "data.num_train_images=8", "data.num_test_images=4", "data.train_sizes=[64]", "data.test_size=64",
-         "data.max_size=64", "model.pretrained=false")
+         "--modes", "fp32,channels_last bf16", "data.num_train_images=8", "data.num_test_images=4",
+         "data.train_sizes=[64]", "data.test_size=64", "data.max_size=64", "model.pretrained=false")
     text = out.read_text()
-    for row in ("| fp32 | 1 / 2 |", "| bf16 | 1 / 2 |", "| channels_last fp32 | 1 / 2 |", "| channels_last bf16 | 1 / 2 |"):
+    for row in ("| fp32 | 1 / 2 |", "| channels_last bf16 | 1 / 2 |"):
         assert row in text, row
-    assert "Seeds and budget" in text
+    assert "| bf16 |" not in text and "Seeds and budget" in text
+    assert "- Command: `python benchmarks/train_modes.py --recipe synthetic_quick" in text  # main(argv)'s own arguments

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from bench_scripts import run_script
 from sdidd.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from sdidd.errors import SdiddError
 from sdidd.model.stack import ModelStack, stack_scores, stacked
@@ -128,27 +129,20 @@ def test_add_classes_two_models_keeps_the_old_classes_exactly_and_chains(exporte
                         "--new-score-damp", "0", "--out", str(tmp_path / "eval0.json")], capsys)
     assert rc == 0 and (tmp_path / "eval0.json").is_file(), err  # the damping chosen at evaluation, no training
     # benchmarks/damp_sweep.py: the same checkpoints read with several G; the damping moves only the new classes
-    import subprocess
-    import sys
-    sweep = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--damps", "0,1,4",
-                            "--threads", "1", "--out", str(tmp_path / "sweep.md"), f"a={tmp_path / 's1' / 'last.pth'}",
-                            f"b={tmp_path / 's2' / 'last.pth'}"], capture_output=True, text=True)
-    assert sweep.returncode == 0, sweep.stderr
+    assert run_script("damp_sweep", "--damps", "0,1,4", "--threads", "1", "--out", str(tmp_path / "sweep.md"),
+                      f"a={tmp_path / 's1' / 'last.pth'}", f"b={tmp_path / 's2' / 'last.pth'}") == 0
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [(r["run"], r["damp"]) for r in rows] == [(n, g) for n in "ab" for g in (0.0, 1.0, 4.0)]
     # after one step the old classes' detections are the kept model's own, whatever G (after two, G damps the middle one too)
     assert len({r["old"] for r in rows if r["run"] == "a"}) == 1, rows
     assert "all − G = 1's, paired" in (tmp_path / "sweep.md").read_text()
-    blend = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--damps", "1",
-                            "--blends", "0,1", "--threads", "1", "--out", str(tmp_path / "blend.md"),
-                            f"a={tmp_path / 's1' / 'last.pth'}"], capture_output=True, text=True)
-    assert blend.returncode == 0, blend.stderr
+    assert run_script("damp_sweep", "--damps", "1", "--blends", "0,1", "--threads", "1", "--out",
+                      str(tmp_path / "blend.md"), f"a={tmp_path / 's1' / 'last.pth'}") == 0
     b0, b1 = json.loads((tmp_path / "blend.json").read_text())["rows"]
     assert (b0["blend"], b1["blend"]) == (0.0, 1.0) and b0["new"] == b1["new"]  # B moves only the old classes
     assert b0["old"] != b1["old"], (b0, b1)  # B = 1: the data-free fine-tune's untrained old channels answer instead
-    single = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "damp_sweep.py"), "--out",
-                             str(tmp_path / "x.md"), f"a={base_model}"], capture_output=True, text=True)
-    assert single.returncode == 1 and "not a two-models checkpoint" in single.stderr.strip().splitlines()[-1], single.stderr
+    with pytest.raises(SdiddError, match="not a two-models checkpoint"):  # the script prints it as one line
+        run_script("damp_sweep", "--out", str(tmp_path / "x.md"), f"a={base_model}")
     rc, _, err = run(["predict", str(tmp_path / "s1" / "last.pth"), str(exported / "new" / "images" / "test"),
                       "--out", str(tmp_path / "pred")], capsys)
     assert rc == 0, err

@@ -104,6 +104,7 @@ class TrainConfig:
     eval_every: Optional[int] = None
     out_dir: str = "runs/default"
     keep_checkpoints: int = 1  # epoch_<n>.pth files kept beside last.pth (the newest ones; 0: only last.pth)
+    save_every: int = 1  # write last.pth after every N-th epoch and the last one (short epochs: a save costs more than the epoch)
     resume: bool = False
     overwrite: bool = False  # a new run in a folder that holds one: clear the old run's files first (else refused)
     progress: bool = True
@@ -478,6 +479,7 @@ def validate(cfg: Config) -> None:
     need(all(x >= 1 for x in t.milestones) and t.milestones == sorted(t.milestones), "train.milestones", "must be increasing epochs >= 1")
     need(t.workers is None or t.workers >= 0, "train.workers", "must be >= 0 (or null: chosen from the machine)")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0")
+    need(t.save_every >= 1, "train.save_every", "must be >= 1 (1: after every epoch)")
     need(d.cache_gb >= 0, "data.cache_gb", "must be >= 0")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1): the fraction of training images held out")
     need(t.gamma > 0, "train.gamma", "must be positive")

@@ -156,7 +156,7 @@ def check_fits(state: dict[str, Any], path: str | Path, purpose: str, classes: l
 _RUNTIME_KEYS = frozenset({
     "name", "data.root", "data.check", "data.on_bad_data", "data.cache_gb", "model.pretrained", "train.epochs",
     "train.workers", "train.amp", "train.channels_last", "train.compile", "train.device", "train.deterministic", "train.threads", "train.log_every",
-    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints",
+    "train.eval_every", "train.out_dir", "train.resume", "train.progress", "train.keep_checkpoints", "train.save_every",
     "train.teacher_cache_gb", "train.overwrite",
     "incremental.teacher", "incremental.start_step", "incremental.epochs",
 })

@@ -243,7 +243,8 @@ def _train_step(cfg: Config, spec: StepSpec, out_dir: Path, data: Optional[RunDa
         every = eval_interval(cfg.train.eval_every, step.val_set is not None, step.schedule.epochs)
         if every and (epoch + 1) % every == 0 and epoch + 1 < step.schedule.epochs:
             validate(step, epoch + 1)
-        save_step(step, epoch + 1)
+        if (epoch + 1) % cfg.train.save_every == 0 or epoch + 1 == step.schedule.epochs:  # resume reads the latest
+            save_step(step, epoch + 1)
     step_log.close()
     for cache in (step.teacher_cache, step.new_teacher_cache):
         if cache is not None:
