@@ -372,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     profile = "dry-run" if args.dry_run else "gpu"
     out, work = Path(args.out), Path(args.work)
     tag = args.tag or f"{cfg.data.dataset}_{cfg.incremental.protocol or 'protocol'}_{profile}"
-    command = args.command or " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + argv)
+    command = args.command or shlex.join(["benchmarks/gpu_table.py", *argv])  # also when main(argv) is called
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     log.info(f"gpu_table: {machine_description()}; device {device}; torch {torch.__version__}; "
              f"parallel {args.parallel}; methods {', '.join(methods)}; budget {args.budget or '–'} s")

@@ -124,10 +124,9 @@ def main(argv: list[str] | None = None) -> None:
                                     for ds in (test, clean, no_new if a.old else None))
             rows.append((name, mode, full.groups["new"], part.groups["new"], full.groups["old"],
                          old_part.groups["old"] if old_part else None, full.groups["all"]))
-            # each class on its own group's subset: a new class where no old defect can be called it, and back
-            per_class += [(name, mode, c, full.per_class[c]["ap50"],
-                           (part if i >= a.old else old_part).per_class[c]["ap50"] if (part if i >= a.old else old_part)
-                           else None) for i, c in enumerate(classes)]
+            for i, c in enumerate(classes):  # each class on its group's subset: where the other group can't be called it
+                sub = part if i >= a.old else old_part
+                per_class.append((name, mode, c, full.per_class[c]["ap50"], sub.per_class[c]["ap50"] if sub else None))
         n_all, n_clean, n_no_new = len(test.records), len(clean.records), len(no_new.records)
     where = "validation" if cfg.data.val_fraction else "test"
     lines = [f"| model | NMS | new mAP50, all {n_all} {where} images | new mAP50, the {n_clean} without old defects "

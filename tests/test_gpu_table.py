@@ -168,6 +168,7 @@ def test_dry_run_writes_the_table_after_the_smoke_stage(tmp_path):
         [f"synthetic_2+2_dry-run{s}" for s in (".json", ".md", "_per_class.png", "_sdidd_losses.png")] + ["logs.tar.gz"])
     report = json.loads((out / "synthetic_2+2_dry-run.json").read_text())
     assert list(report["methods"]) == ["teacher", "sdidd"]
+    assert report["command"].startswith("benchmarks/gpu_table.py --dry-run --parallel 2 --out ")  # main(argv)'s own
     assert report["settings"]["device_transforms"] and report["settings"]["channels_last"]
     assert set(report["gpu_run"]["timeline"]) == {"teacher", "sdidd"} and report["gpu_run"]["smoke"].startswith("passed")
     assert report["gpu_run"]["timeline"]["sdidd"][0] >= report["gpu_run"]["timeline"]["teacher"][1]  # waits for the teacher
