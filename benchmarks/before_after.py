@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from sdidd.benchmark import mean_std_text
+from timing import command_line  # benchmarks/timing.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ("before", "after")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     walls[f"{v}_s{seed}"] = run_one(trees[v], v, seed, a)
                     walls_file.write_text(json.dumps(walls, indent=2))
                     print(f"{v} seed {seed}: {walls[f'{v}_s{seed}']:.0f} s", flush=True)
-    command = "python " + " ".join(shlex.quote(x) for x in [str(Path(sys.argv[0])), *sys.argv[1:]])
+    command = command_line(__file__, argv)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(report(a, walls, command))
     print(f"wrote {a.out}")

@@ -19,9 +19,7 @@ import argparse
 import datetime as dt
 import json
 import platform
-import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ from sdidd.engine.evaluation import evaluate_model
 from sdidd.engine.run_data import channel_view, load_eval_split
 from sdidd.errors import SdiddError
 from sdidd.predict import checkpoint_postprocess
-from timing import write_report  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import command_line, write_report  # benchmarks/timing.py (this script's folder is on sys.path)
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(settings, key=lambda k: mean_all[k])
     ref = (1.0, 0.0) if (1.0, 0.0) in settings else (1.0, None) if (1.0, None) in settings else settings[0]
     label = lambda k: f"G = {k[0]:g}" + ("" if k[1] is None else f", B = {k[1]:g}")  # noqa: E731
-    command = "python benchmarks/damp_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = [f"# two-models: the new-class damping G{'' if a.blends is None else ' and the old-score blending B'} on "
              f"{', '.join(sorted(where))}", "",
              f"- Command: `{command}`",
