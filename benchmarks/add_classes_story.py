@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -27,11 +28,11 @@ from sdidd.benchmark import machine_description, mean_std_text
 
 def _run(cmd: list[str]) -> float:
     """Run one console command (its output to the terminal); its wall seconds; exit on failure."""
-    print("$", " ".join(cmd), flush=True)
+    print("$", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd).returncode
     if rc != 0:
-        sys.exit(f"command failed (exit {rc}): {' '.join(cmd)}")
+        sys.exit(f"command failed (exit {rc}): {shlex.join(cmd)}")
     return time.perf_counter() - t0
 
 
@@ -91,7 +92,7 @@ def main() -> None:
             rows.append({"method": m, "seed": s, "seconds": round(secs, 1), "groups": res["groups"], "rows": res["rows"],
                          "iterations": steps["stats"]["iterations"], "images": steps["stats"]["images"]})
     rows.sort(key=lambda r: (methods.index(r["method"]), seeds.index(r["seed"])))
-    cmd = ("python benchmarks/add_classes_story.py " + " ".join(sys.argv[1:]))
+    cmd = shlex.join(["python", "benchmarks/add_classes_story.py", *sys.argv[1:]])  # quoted: the report's command runs as written
     commit = _commit()
     if earlier is not None:  # the story's own command and code first, then what extended it
         cmd, commit = f"{earlier['command']}`, extended by `{cmd}", f"{earlier['commit']}`, extended at `{commit}"

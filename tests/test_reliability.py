@@ -450,6 +450,8 @@ def test_nan_weights_after_a_finite_loss_never_replace_the_last_checkpoint(
     rc, _, err = run_cli(["train", str(cfg), f"train.out_dir={run}"], capsys)
     line = one_line_error(err)
     assert rc == 2 and "non-finite weights after epoch 2" in line and "not saved" in line
+    # Every trained tensor is NaN: the message names the first one (the stem and blocks.0 are frozen, so finite).
+    assert "(e.g. backbone.body.blocks.1.0.conv_pw.weight)" in line
     last = load_checkpoint(run / "last.pth")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert not (run / "epoch_2.pth").exists()

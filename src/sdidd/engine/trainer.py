@@ -186,7 +186,9 @@ def save_step(step: Step, epoch: int, metrics: Optional[dict] = None) -> Path:
     """Checkpoint the step after `epoch` (rank 0 writes; the others wait), refusing non-finite weights."""
     last = step.out_dir / "last.pth"
     # A gradient overflow in the epoch's last step leaves NaN weights behind a finite loss: never let them replace last.pth.
-    bad = next((n for n, p in step.model.named_parameters() if not torch.isfinite(p).all()), None)
+    names, params = zip(*step.model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params])  # one host sync for all tensors, not one each
+    bad = None if bool(finite.all()) else names[int((~finite).int().argmax())]
     if bad is not None:
         raise SdiddError(f"non-finite weights after epoch {epoch} (e.g. {bad}); not saved, the last good checkpoint is "
                          f"{last if last.exists() else 'not written yet'}; try a lower train.lr or set train.grad_clip")
