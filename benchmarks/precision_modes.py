@@ -31,8 +31,8 @@ from train_speed import padded_batch  # the same random images and boxes as the 
 MODES = {"fp32": (False, False), "bf16": (True, False), "channels_last fp32": (False, True), "channels_last bf16": (True, True)}
 
 
-def make_step(size: int, batch: int, amp: bool, channels_last: bool, compile_: bool = False):
-    """A fresh detector and its train step (the engine's precision path) on one fixed random batch."""
+def make_step(size: int, batch: int, amp: bool, channels_last: bool, compile_: bool = False, with_optimizer: bool = False):
+    """A fresh detector and its train step (the engine's precision path) on one fixed random batch (and its SGD)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     model = build_detector(QUICK).train()
@@ -52,7 +52,7 @@ def make_step(size: int, batch: int, amp: bool, channels_last: bool, compile_: b
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return step
+    return (step, opt) if with_optimizer else step
 
 
 def main(argv: list[str] | None = None) -> int:

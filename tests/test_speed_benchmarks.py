@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bench_scripts import run_script
+from bench_scripts import load_script, run_script
 
 
 def _run(script: str, *args: str) -> None:
@@ -31,6 +31,23 @@ def test_precision_modes_writes_report(tmp_path):
     for row in ("fp32", "bf16", "channels_last fp32", "channels_last bf16"):
         assert f"| {row} |" in text
     assert "## 64 px, batch 2" in text and "GFLOP/s" in text
+
+
+@pytest.mark.slow
+def test_step_profile_sums_every_operator_into_a_kind(tmp_path):
+    out = tmp_path / "profile.md"
+    _run("step_profile.py", "--sizes", "64", "--batch", "2", "--steps", "1", "--warmup", "1", "--out", str(out))
+    text = out.read_text()
+    assert "## 64 px, batch 2" in text and "mode: fp32, channels_last" in text
+    shares = [int(line.rsplit("|", 2)[1].strip(" %")) for line in text.splitlines() if line.endswith(" % |")]
+    assert len(shares) >= 4 and 97 <= sum(shares) <= 103  # every operator's self time lands in one kind
+    assert "| convolution_backward |" in text
+    kind_of = load_script("step_profile").kind_of
+    assert kind_of("aten::convolution_backward") == "convolution backward"
+    assert kind_of("aten::mkldnn_convolution") == "convolution forward"
+    assert kind_of("aten::native_batch_norm_backward").startswith("normalisation")
+    assert kind_of("aten::constant_pad_nd").startswith("memory") and kind_of("aten::_to_copy").startswith("memory")
+    assert kind_of("aten::add_").startswith("the rest")
 
 
 @pytest.mark.slow
