@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import platform
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- Budget: per size {a.warmup} warm-up + {a.steps} timed steps, then {a.steps} profiled steps, i.e. "
              f"{a.warmup + 2 * a.steps} iterations on one fixed batch (no dataset, no epochs, no metric).",
              "- Seeds: one process, seed 0; it measures where time goes, not accuracy. The profiler adds overhead to "
-             "small operators, so the kinds' sum exceeds the unprofiled step; shares are of the profiled total.",
+             "small operators, so the kinds' sum differs from the unprofiled step; shares are of the profiled total.",
              ""]
     for size in a.sizes:
         r = profile_step(size, a.batch, mode.amp, mode.channels_last, a.steps, a.warmup)
