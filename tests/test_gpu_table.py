@@ -29,8 +29,6 @@ TINY = {
 }
 
 
-_script = load_script
-
 
 def _pairs(sizes: list[tuple[int, int]], gen: torch.Generator) -> list[tuple[torch.Tensor, dict]]:
     """Random uint8 images with 1-3 random boxes each."""
@@ -114,7 +112,7 @@ def test_gpu_recipe_scales_lr_with_the_batch_and_turns_the_switches_on():
 
 
 def test_smoke_stage_config_and_strided_subset_keep_every_class():
-    gt = _script("gpu_table")
+    gt = load_script("gpu_table")
     cfg = gt.full_config("neu_det_gpu", ["train.batch_size=8"], dry_run=True)
     assert cfg.train.device == "cpu" and cfg.data.dataset == "synthetic" and cfg.train.batch_size == 8
     smoke = gt.smoke_config(cfg)
@@ -127,7 +125,7 @@ def test_smoke_stage_config_and_strided_subset_keep_every_class():
 
 
 def test_stage_gpu_packs_data_weights_and_wheel(tmp_path):
-    sg = _script("stage_gpu")
+    sg = load_script("stage_gpu")
     root = tmp_path / "NEU-DET"
     for d, name in (("IMAGES", "crazing_1.jpg"), ("ANNOTATIONS", "crazing_1.xml")):
         (root / d).mkdir(parents=True)
@@ -152,7 +150,7 @@ def _dry_run(tmp_path: Path, *args: str) -> SimpleNamespace:
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = _script("gpu_table").main(["--dry-run", "--parallel", "2", "--out", str(tmp_path / "out"),
+            rc = load_script("gpu_table").main(["--dry-run", "--parallel", "2", "--out", str(tmp_path / "out"),
                                             "--work", str(tmp_path / "work"), *args])
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
@@ -188,7 +186,7 @@ def test_a_failing_smoke_stage_stops_the_run_with_the_error(tmp_path):
 
 
 def test_two_models_waits_for_the_finetune_job_it_reuses():
-    gt = _script("gpu_table")
+    gt = load_script("gpu_table")
     assert gt._needs("two-models", ["finetune", "two-models"]) == ["teacher", "finetune"]
     assert gt._needs("two-models", ["two-models"]) == ["teacher"]  # no finetune job: it trains its own
     assert gt._needs("joint", ["joint"]) == [] and gt._needs("sdidd", ["sdidd"]) == ["teacher"]

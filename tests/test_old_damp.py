@@ -10,17 +10,12 @@ from sdidd.errors import SdiddError
 from test_model import tiny_detector
 
 
-def _confusion_script():
-    """benchmarks/new_class_confusion.py as a module."""
-    return load_script("new_class_confusion")
-
-
 def test_old_damped_scores_scale_new_classes_by_the_old_confidence_and_keep_old_ones() -> None:
     torch.manual_seed(0)
     model = tiny_detector(num_classes=5).eval()
     images = torch.rand(2, 3, 64, 64)
     plain = model(images).cls.sigmoid()
-    damped = _confusion_script().OldDamped(model, old=3, gamma=2.0).eval()
+    damped = load_script("new_class_confusion").OldDamped(model, old=3, gamma=2.0).eval()
     got = damped(images).cls.sigmoid()
     assert torch.allclose(got[..., :3], plain[..., :3])
     want = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True)) ** 2
@@ -40,7 +35,7 @@ def test_old_damped_scores_can_come_from_another_model() -> None:
         p.data.add_(0.05 * torch.randn_like(p))
     images = torch.rand(1, 3, 64, 64)
     plain, q = model(images).cls.sigmoid(), scorer(images).cls.sigmoid()
-    got = _confusion_script().OldDamped(model, old=3, gamma=1.0, scorer=scorer).eval()(images).cls.sigmoid()
+    got = load_script("new_class_confusion").OldDamped(model, old=3, gamma=1.0, scorer=scorer).eval()(images).cls.sigmoid()
     assert torch.allclose(got[..., 3:], plain[..., 3:] * (1 - q.amax(-1, keepdim=True)), atol=1e-5)
     own = plain[..., 3:] * (1 - plain[..., :3].amax(-1, keepdim=True))
     assert not torch.allclose(got[..., 3:], own, atol=1e-4)
@@ -58,11 +53,11 @@ def test_per_class_table_gives_each_class_on_its_own_subset(tmp_path: Path, caps
     sets = ["data.num_train_images=2", "data.num_test_images=8", "data.train_sizes=[64]", "data.test_size=64",
             "data.max_size=64", "model.pretrained=false"]
     common = ["--recipe", "synthetic_quick", *(x for kv in sets for x in ("--set", kv)), "--old", "2"]
-    _confusion_script().main([*common, "--per-class", "--blend", "0.3", f"s={tmp_path / 'stack.pth'}"])
+    load_script("new_class_confusion").main([*common, "--per-class", "--blend", "0.3", f"s={tmp_path / 'stack.pth'}"])
     out = capsys.readouterr().out
     rows = [r.split(" | ") for r in out.splitlines() if r.startswith("| s | per class | ")]
     assert len(rows) == 5 and len(rows[0]) == 7, out  # the group row, then one row per class
     assert [r[2] for r in rows[1:]] == ["scratch", "spot", "patch", "crack"] and {len(r) for r in rows[1:]} == {5}, out
     assert "| AP50, new classes on the " in out and " without old defects, old classes on the " in out, out
     with pytest.raises(SdiddError, match="two-models checkpoint only"):
-        _confusion_script().main([*common, "--blend", "0.3", f"one={tmp_path / 'one.pth'}"])
+        load_script("new_class_confusion").main([*common, "--blend", "0.3", f"one={tmp_path / 'one.pth'}"])
